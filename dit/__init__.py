@@ -1,0 +1,6 @@
+"""DiT Studio: train, convert, compress and sample diffusion transformers."""
+from .config import DIT_PRESETS, model_kwargs, preset_names
+from .model import DiT
+
+__version__ = "0.1.0"
+__all__ = ["DiT", "DIT_PRESETS", "model_kwargs", "preset_names", "__version__"]

@@ -1,0 +1,268 @@
+"""The DiT backbone (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023).
+
+Exactly the original architecture and initialisation (adaLN-Zero blocks, fixed 2-D sin-cos position
+table saved in the state dict, GLIDE timestep embedding, label table with a null class, learned
+sigma), with the original state-dict key names, as a diffusers `ModelMixin` + `ConfigMixin` so
+that `save_pretrained` / `from_pretrained` write and read safetensors checkpoint folders.
+
+Beyond the original: any input size and channel count (the position table is recomputed for grids
+other than the trained one), attention operators chosen per block by name from `dit.attention`,
+an MLP choice from `dit.mlp`, and an optional DyDiT dynamic-width configuration (`dit.dynamic`).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .attention import BlockContext, build_attention
+from .attention.softmax import check_backend
+from .embeddings import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
+from .mlp import build_mlp
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation x * (1 + scale) + shift, with (N, D) shift/scale broadcast over tokens."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens (key `proj`, as timm's PatchEmbed)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block; attention and MLP are registry operators."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attention: str = "softmax",
+                 attention_options: dict[str, Any] | None = None, mlp_type: str = "mlp"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = build_attention(attention, hidden_size, num_heads, **(attention_options or {}))
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = build_mlp(mlp_type, hidden_size, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = self.attn.pre_attention(x, c, ctx)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ctx.grid)
+        x = self.attn.post_attention(x, c, ctx)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), ctx.grid)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) -> Linear to p*p*out_channels."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def block_attention_list(attention: str | Sequence[str], depth: int) -> list[str]:
+    """One attention name per block from a name, a list, or a comma-separated string."""
+    if isinstance(attention, str):
+        names = [a.strip() for a in attention.split(",")] if "," in attention else [attention] * depth
+    else:
+        names = list(attention)
+    if len(names) != depth:
+        raise ValueError(f"attention layout has {len(names)} entries but the model has {depth} blocks; "
+                         "give one name, or exactly one name per block")
+    return names
+
+
+class DiT(ModelMixin, ConfigMixin):
+    """Class-conditional diffusion transformer; `model(x, t, y)` as the original DiT."""
+
+    _supports_gradient_checkpointing = True
+    _keys_to_ignore_on_load_unexpected: list[str] = []
+
+    @register_to_config
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        attention: str | list[str] = "softmax",
+        attention_backend: str = "sdpa",
+        attention_options: dict[str, Any] | None = None,
+        mlp_type: str = "mlp",
+        dynamic: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        check_backend(attention_backend)
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.gradient_checkpointing = False
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        grid = input_size // patch_size
+        # Fixed sin-cos table; a Parameter (not a buffer) so that it is in the state dict, as the original.
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+        options = dict(attention_options or {})
+        options.setdefault("backend", attention_backend)
+        names = block_attention_list(attention, depth)
+        if dynamic:
+            from .dynamic import build_dynamic_blocks  # DyDiT routers around the same operators
+
+            self.blocks = build_dynamic_blocks(hidden_size, num_heads, mlp_ratio, names, options, mlp_type, dynamic)
+        else:
+            self.blocks = nn.ModuleList([
+                DiTBlock(hidden_size, num_heads, mlp_ratio, name, options, mlp_type) for name in names
+            ])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ initialisation
+    def initialize_weights(self) -> None:
+        """The original DiT initialisation (xavier linears, N(0, 0.02) embeddings, adaLN-Zero)."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        grid = self.config.input_size // self.patch_size
+        table = sincos_pos_embed_2d(self.config.hidden_size, grid, grid)
+        self.pos_embed.data.copy_(torch.from_numpy(table).float().unsqueeze(0))
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+            if hasattr(block.attn, "reset_extra_parameters"):
+                block.attn.reset_extra_parameters()
+            if hasattr(block, "reset_router_parameters"):
+                block.reset_router_parameters()
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def block_attention(self) -> list[str]:
+        """The attention operator name of each block."""
+        return [block.attn.name for block in self.blocks]
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch every operator's attention kernel backend (sdpa | xformers | math | auto)."""
+        check_backend(backend)
+        for module in self.modules():
+            if hasattr(module, "backend") and module is not self:
+                module.backend = backend
+        self.register_to_config(attention_backend=backend)
+
+    def position_table(self, grid_h: int, grid_w: int, like: torch.Tensor) -> torch.Tensor:
+        trained = self.config.input_size // self.patch_size
+        if (grid_h, grid_w) == (trained, trained):
+            return self.pos_embed
+        key = (grid_h, grid_w)
+        if key not in self._pos_cache:
+            table = sincos_pos_embed_2d(self.config.hidden_size, grid_h, grid_w)
+            self._pos_cache[key] = torch.from_numpy(table).float().unsqueeze(0)
+        return self._pos_cache[key].to(device=like.device, dtype=like.dtype)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h, w = grid
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        p = self.patch_size
+        if x.shape[2] % p or x.shape[3] % p:
+            raise ValueError(f"input size {x.shape[2]}x{x.shape[3]} is not divisible by the patch size {p}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) images or latents, t: (N,) timesteps, y: (N,) labels (num_classes = null).
+
+        Returns (N, 2C, H, W) when `learn_sigma` (noise prediction then variance interpolation), else (N, C, H, W).
+        """
+        self.check_input(x)
+        grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
+        h = self.x_embedder(x)
+        h = h + self.position_table(*grid, like=h)
+        t_emb = self.t_embedder(t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t)
+        c = t_emb + self.y_embedder(y, self.training)
+        ctx = BlockContext(grid=grid, t_emb=t_emb)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                h = self._gradient_checkpointing_func(block, h, c, ctx)
+            else:
+                h = block(h, c, ctx)
+        h = self.final_layer(h, c)
+        return self.unpatchify(h, grid)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         cfg_channels: int | None = None) -> torch.Tensor:
+        """Classifier-free guidance on a batch whose second half carries the null label (GLIDE trick).
+
+        `cfg_channels=None` guides every predicted (non-variance) channel; `cfg_channels=3` is the original
+        DiT release's choice (kept for exact reproduction of its samples).
+        """
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        out = self.forward(combined, t, y)
+        k = self.in_channels if cfg_channels is None else cfg_channels
+        eps, rest = out[:, :k], out[:, k:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "DiT":
+        """diffusers' loader, preceded by a key/shape check that names every mismatch."""
+        from .checkpoint import check_checkpoint_folder
+
+        check_checkpoint_folder(pretrained_model_name_or_path, cls)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(np.prod(p.shape) for p in model.parameters()))
