@@ -254,6 +254,14 @@ class DiT(ModelMixin, ConfigMixin):
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
 
+    def auxiliary_losses(self, step: int) -> dict[str, torch.Tensor]:
+        """Extra training losses of the last forward (DyDiT's FLOPs loss); added to the diffusion loss by train.py."""
+        if self.config.dynamic:
+            from .dynamic import dynamic_auxiliary_losses
+
+            return dynamic_auxiliary_losses(self, step)
+        return {}
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "DiT":
