@@ -1,0 +1,1 @@
+"""Command-line entry points (thin: they parse arguments and call the library)."""

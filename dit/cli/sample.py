@@ -1,0 +1,110 @@
+"""`python sample.py`: sample images from a DiT checkpoint (the bundled digits model by default).
+
+Each image is a PNG carrying its parameters (JSON `parameters` plus plain keys), a grid PNG beside them.
+`--params-from IMAGE.png` reproduces an image from its own metadata.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..pipeline import generate, load_vae, read_png_parameters, resolve_device, resolve_dtype
+from ..schedulers import SAMPLERS
+
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "dit-digits"
+IMAGENET_DEMO_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the original DiT sample.py's classes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Sample class-conditional images from a DiT.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--checkpoint", "--ckpt", default=str(BUNDLED_CHECKPOINT),
+      help="studio folder, diffusers DiT folder, or an original DiT .pt state dict (with --model)")
+    a("--model", default=None, help="preset for an original .pt checkpoint, e.g. DiT-XL/2")
+    a("--labels", type=int, nargs="+", default=None, help="class ids (default: one of each class, up to 10)")
+    a("--per-label", type=int, default=1, help="images per label")
+    a("--num-images", type=int, default=None, help="total images (labels cycle)")
+    a("--steps", "--num-sampling-steps", dest="steps", type=int, default=None)
+    a("--cfg-scale", type=float, default=None)
+    a("--cfg-channels", type=int, default=None, help="guide only the first K channels (3 = original DiT release)")
+    a("--scheduler", default=None, help=f"one of: {', '.join(SAMPLERS)}")
+    a("--seed", type=int, default=0, help="image i uses seed + i")
+    a("--batch-size", type=int, default=16)
+    a("--output", default="samples", help="output folder")
+    a("--device", default="auto")
+    a("--dtype", default="fp32", help="fp32 | bf16 | fp16 (fp16: GPU only)")
+    a("--attention-backend", default=None, help="sdpa | xformers | math | auto")
+    a("--vae", default=None, help="local diffusers AutoencoderKL folder (latent models)")
+    a("--image-size", type=int, default=None, help="sample size (default: the trained size)")
+    a("--params-from", default=None, help="reproduce the image whose PNG metadata is given")
+    a("--no-grid", action="store_true")
+    return p
+
+
+def load_checkpoint(path: str, model_name: str | None, device: torch.device, dtype: torch.dtype):
+    from ..convert import load_any
+
+    return load_any(path, model_name=model_name, device=device, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    if args.params_from:
+        params = read_png_parameters(args.params_from)
+        args.labels, args.seed = [params["class_label"]], params["seed"]
+        args.steps, args.cfg_scale, args.scheduler = params["steps"], params["cfg_scale"], params["scheduler"]
+        args.cfg_channels, args.dtype = params.get("cfg_channels"), params.get("dtype", "fp32")
+        args.per_label, args.num_images = 1, None
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    t0 = time.time()
+    model, meta = load_checkpoint(args.checkpoint, args.model, device, dtype)
+    if args.attention_backend:
+        model.set_attention_backend(args.attention_backend)
+    num_classes = model.config.num_classes
+    scheduler = args.scheduler or meta["default_scheduler"]
+    steps = args.steps or meta["default_steps"]
+    cfg_scale = meta["default_cfg_scale"] if args.cfg_scale is None else args.cfg_scale
+    if scheduler not in SAMPLERS:
+        raise ValueError(f"Unknown scheduler {scheduler!r}. Valid schedulers: {', '.join(SAMPLERS)}")
+    if args.labels is None:
+        base = IMAGENET_DEMO_LABELS if num_classes == 1000 else list(range(min(num_classes, 10)))
+    else:
+        base = args.labels
+    if args.num_images is not None:
+        if args.num_images < 1:
+            raise ValueError("--num-images must be at least 1")
+        labels = [base[i % len(base)] for i in range(args.num_images)]
+    else:
+        if args.per_label < 1:
+            raise ValueError("--per-label must be at least 1")
+        labels = [y for y in base for _ in range(args.per_label)]
+    seeds = [args.seed + i for i in range(len(labels))]
+    vae_path = args.vae or meta.get("vae")
+    vae = load_vae(vae_path, device, dtype) if vae_path else None
+    if vae is None and model.config.in_channels not in (1, 3):
+        raise ValueError(f"this model works in a {model.config.in_channels}-channel latent space: pass --vae FOLDER "
+                         "(a local diffusers AutoencoderKL, e.g. sd-vae-ft-ema)")
+    out = generate(model, labels, seeds, scheduler=scheduler, steps=steps, cfg_scale=cfg_scale,
+                   objective=meta["objective"], model_name=meta.get("name") or Path(args.checkpoint).name,
+                   class_names=meta.get("class_names"), batch_size=args.batch_size, device=device, dtype=dtype,
+                   vae=vae, latent_scale=meta.get("latent_scale"), image_size=args.image_size,
+                   cfg_channels=args.cfg_channels)
+    ncols = args.per_label if args.per_label > 1 and args.num_images is None else None
+    paths = out.save(args.output, grid=not args.no_grid, grid_cols=ncols)
+    print(f"wrote {len(paths)} image(s){'' if args.no_grid else ' and grid.png'} to {args.output} "
+          f"({scheduler}, {steps} steps, cfg {cfg_scale}) in {time.time() - t0:.1f}s")
+    return paths

@@ -1,0 +1,429 @@
+"""DiT training with Hugging Face Accelerate (the logic behind `train.py`).
+
+One script for one CPU, N GPUs (`accelerate launch --multi_gpu --num_processes N train.py ...`) and
+2 CPU ranks over gloo (`accelerate launch --multi_gpu --num_processes 2 train.py ...` on a CPU-only
+machine: `Accelerator(cpu=True)` is what makes the two processes one job). Checkpoints are
+`OUTPUT/checkpoint-<step>/` written atomically; `--resume-from latest` continues the step count,
+optimizer, LR schedule, EMA, RNG and data order; the final export is a studio checkpoint folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .checkpoint import save_checkpoint
+from .config import model_kwargs, preset_names
+from .ema import EMA
+from .model import DiT, count_params
+from .schedulers import get_objective, sampler_names
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAIN_STATE_FILE = "train_state.json"
+EMA_FILE = "ema.safetensors"
+
+
+# ---------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a DiT (any attention variant) with Accelerate.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default="digits", help="'digits' (embedded scikit-learn digits, 32x32) or a folder of images "
+                                       "(class sub-folders become labels)")
+    a("--model", default="DiT-Digits/4", help=f"preset: {', '.join(preset_names())}")
+    a("--image-size", type=int, default=None, help="image size for folders (digits: 32)")
+    a("--channels", type=int, default=3, choices=(1, 3), help="image channels for folders")
+    a("--random-flip", action="store_true", help="horizontal flips (folders only; never for digits)")
+    a("--skip-bad-images", action="store_true", help="skip unreadable images instead of failing")
+    a("--vae", default=None, help="local diffusers AutoencoderKL folder: train in its latent space (cached)")
+    a("--attention", default="softmax", help="attention variant, or a comma-separated list, one per block")
+    a("--attention-backend", default="sdpa", help="softmax kernel backend: sdpa | xformers | math | auto")
+    a("--attention-options", default=None, help="JSON dict of attention options (e.g. '{\"window\": [2, 2]}')")
+    a("--mlp", dest="mlp_type", default="mlp", help="MLP type: mlp | mixffn")
+    a("--dynamic", default=None, help="JSON dict enabling DyDiT dynamic width (e.g. '{\"target\": 0.5}')")
+    a("--objective", default="ddpm", choices=("ddpm", "flow"))
+    a("--learn-sigma", dest="learn_sigma", action=argparse.BooleanOptionalAction, default=None,
+      help="learned variance (default: on for ddpm, off for flow)")
+    a("--class-dropout", type=float, default=0.1, help="label drop probability for classifier-free guidance")
+    a("--max-steps", "--max_train_steps", dest="max_steps", type=int, default=1000)
+    a("--batch-size", "--train_batch_size", dest="batch_size", type=int, default=32, help="per process")
+    a("--gradient-accumulation-steps", "--gradient_accumulation_steps", dest="grad_accum", type=int, default=1)
+    a("--lr", "--learning_rate", dest="lr", type=float, default=1e-4)
+    a("--lr-warmup-steps", type=int, default=0)
+    a("--weight-decay", type=float, default=0.0)
+    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 disables)")
+    a("--ema-decay", type=float, default=0.9999)
+    a("--mixed-precision", "--mixed_precision", dest="mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    a("--seed", type=int, default=0)
+    a("--output-dir", "--output_dir", dest="output_dir", default="runs/dit")
+    a("--checkpointing-steps", "--checkpointing_steps", dest="checkpointing_steps", type=int, default=500)
+    a("--checkpoints-total-limit", "--checkpoints_total_limit", dest="checkpoints_total_limit", type=int, default=3)
+    a("--resume-from", "--resume_from_checkpoint", dest="resume_from", default=None,
+      help="'latest' or a checkpoint folder")
+    a("--init-from", default=None, help="initialise weights from a checkpoint (matching keys and shapes)")
+    a("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0: only at the end)")
+    a("--sample-scheduler", default=None, help="scheduler for previews and the exported default")
+    a("--sample-steps", type=int, default=None)
+    a("--sample-cfg-scale", type=float, default=2.0)
+    a("--log-every", type=int, default=50)
+    a("--report-to", default="auto", choices=("auto", "none", "tensorboard"),
+      help="auto: TensorBoard when installed; metrics.jsonl is always written")
+    a("--num-workers", type=int, default=0)
+    a("--gradient-checkpointing", action="store_true")
+    a("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    a("--export-dir", default=None, help="final export folder (default OUTPUT/final)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.learn_sigma is None:
+        args.learn_sigma = args.objective == "ddpm"
+    if args.objective == "flow" and args.learn_sigma:
+        raise SystemExit("error: --learn-sigma has no meaning for the flow objective; drop it")
+    if args.sample_scheduler is None:
+        args.sample_scheduler = "dpm++" if args.objective == "ddpm" else "flow-euler"
+    if args.sample_scheduler not in sampler_names(args.objective):
+        raise SystemExit(f"error: --sample-scheduler {args.sample_scheduler!r} cannot sample a {args.objective} "
+                         f"model; choose from {', '.join(sampler_names(args.objective))}")
+    if args.sample_steps is None:
+        args.sample_steps = 25
+    for name in ("max_steps", "batch_size", "grad_accum", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------- data
+def build_dataset(args: argparse.Namespace, accelerator: Any) -> torch.utils.data.Dataset:
+    from .data import DIGITS_CLASSES, ImageFolderDataset, TensorImageDataset, cache_latents, load_digits
+
+    if args.data == "digits":
+        images, labels = load_digits("train", size=args.image_size or 32)
+        dataset = TensorImageDataset(images, labels, DIGITS_CLASSES)
+    else:
+        size = args.image_size or 256
+        dataset = ImageFolderDataset(args.data, size, args.channels, args.skip_bad_images, args.random_flip)
+        if dataset.num_skipped:
+            accelerator.print(f"skipped {dataset.num_skipped} unreadable image(s) in {args.data}")
+    if args.vae:
+        cache = os.path.join(args.output_dir, "latents.safetensors")
+        with accelerator.main_process_first():
+            dataset = cache_latents(dataset, args.vae, cache, device=str(accelerator.device))
+    return dataset
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Per-rank index batches for micro-steps `start, start+1, ...`: epoch e is a permutation seeded by
+    (seed, e), split into global batches, each global batch sharded over ranks. Deterministic, so a
+    resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, start: int = 0):
+        if n < batch_size * world:
+            raise ValueError(f"the dataset has {n} items, fewer than one global batch ({batch_size} x {world} "
+                             "processes); lower --batch-size")
+        self.n, self.batch_size, self.world, self.rank, self.seed, self.start = n, batch_size, world, rank, seed, start
+        self.per_epoch = n // (batch_size * world)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            epoch, b = divmod(step, self.per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            g = self.batch_size * self.world
+            chunk = perm[b * g:(b + 1) * g]
+            yield chunk[self.rank::self.world].tolist()
+            step += 1
+
+    def __len__(self) -> int:  # infinite; a large number for DataLoader's sake
+        return sys.maxsize
+
+
+# ---------------------------------------------------------------------------- model
+def build_model(args: argparse.Namespace, dataset: torch.utils.data.Dataset) -> DiT:
+    x0, _ = dataset[0]
+    classes = getattr(dataset, "classes", ["0"])
+    overrides: dict[str, Any] = dict(
+        input_size=x0.shape[-1], in_channels=x0.shape[0], num_classes=len(classes),
+        learn_sigma=args.learn_sigma, class_dropout_prob=args.class_dropout,
+        attention=args.attention, attention_backend=args.attention_backend, mlp_type=args.mlp_type,
+    )
+    if x0.shape[-1] != x0.shape[-2]:
+        raise ValueError("training images must be square; use --image-size")
+    if args.attention_options:
+        overrides["attention_options"] = json.loads(args.attention_options)
+    if args.dynamic:
+        overrides["dynamic"] = json.loads(args.dynamic)
+    model = DiT(**model_kwargs(args.model, **overrides))
+    if args.init_from:
+        init_weights_from(model, args.init_from)
+    return model
+
+
+def init_weights_from(model: DiT, path: str) -> None:
+    """Copy every weight whose name and shape match (e.g. a softmax DiT into a linear-attention one)."""
+    from .checkpoint import weights_file
+    from safetensors.torch import load_file
+
+    source = load_file(str(weights_file(path))) if os.path.isdir(path) else None
+    if source is None:
+        raise FileNotFoundError(f"--init-from {path!r} is not a studio checkpoint folder")
+    own = model.state_dict()
+    matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ValueError(f"--init-from {path}: no weight matches this model (different preset or sizes?)")
+    model.load_state_dict(matched, strict=False)
+    skipped = sorted(set(own) - set(matched))
+    print(f"initialised {len(matched)}/{len(own)} tensors from {path}"
+          + (f"; new (not inherited): {', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''}" if skipped else ""))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+             and (p / TRAIN_STATE_FILE).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(args: argparse.Namespace) -> Path | None:
+    if not args.resume_from:
+        return None
+    if args.resume_from == "latest":
+        ckpts = list_checkpoints(args.output_dir)
+        return ckpts[-1] if ckpts else None  # nothing yet: start fresh
+    path = Path(args.resume_from)
+    if not (path / TRAIN_STATE_FILE).exists():
+        raise FileNotFoundError(f"--resume-from {path}: not a complete training checkpoint "
+                                f"(no {TRAIN_STATE_FILE}); use 'latest' or an OUTPUT/checkpoint-<step> folder")
+    return path
+
+
+def save_training_checkpoint(accelerator: Any, ema: EMA, step: int, args: argparse.Namespace) -> Path:
+    """accelerator.save_state + EMA + step into a temp folder, then an atomic rename; prune old ones."""
+    from safetensors.torch import save_file
+
+    final = Path(args.output_dir) / f"checkpoint-{step}"
+    tmp = Path(args.output_dir) / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
+        (tmp / TRAIN_STATE_FILE).write_text(json.dumps({"step": step, "args": vars(args)}, indent=2, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpts = list_checkpoints(args.output_dir)
+        for old in ckpts[: max(0, len(ckpts) - args.checkpoints_total_limit)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_checkpoint(accelerator: Any, ema: EMA, path: Path) -> int:
+    from safetensors.torch import load_file
+
+    accelerator.load_state(str(path))
+    ema.load_state_dict(load_file(str(path / EMA_FILE)))
+    return int(json.loads((path / TRAIN_STATE_FILE).read_text())["step"])
+
+
+# ---------------------------------------------------------------------------- previews and export
+def studio_meta(args: argparse.Namespace, classes: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    meta = {
+        "objective": args.objective,
+        "default_scheduler": args.sample_scheduler,
+        "default_steps": args.sample_steps,
+        "default_cfg_scale": args.sample_cfg_scale,
+        "class_names": classes,
+        "data": "digits" if args.data == "digits" else os.path.abspath(args.data),
+        "vae": os.path.abspath(args.vae) if args.vae else None,
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def write_preview(model: DiT, args: argparse.Namespace, classes: list[str], step: int, device: Any) -> Path:
+    from .pipeline import image_grid, to_pil_images
+    from .schedulers import sample
+
+    n_classes = len(classes)
+    per_class = max(1, min(8, 64 // n_classes))
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    seeds = list(range(len(labels)))
+    shape = (model.in_channels, model.config.input_size, model.config.input_size)
+    x = sample(model, labels, seeds, shape, args.sample_scheduler, args.sample_steps, args.sample_cfg_scale,
+               args.objective, model.config.learn_sigma, model.num_classes, device=device, progress=False)
+    if args.vae:
+        from .pipeline import decode_latents, load_vae
+
+        x = decode_latents(load_vae(args.vae, device), x)
+    out = Path(args.output_dir) / "samples" / f"step-{step:07d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(to_pil_images(x), ncols=per_class if n_classes > 1 else 8).save(out)
+    return out
+
+
+# ---------------------------------------------------------------------------- training
+class MetricsLogger:
+    def __init__(self, output_dir: str, report_to: str, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled and report_to in ("auto", "tensorboard"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(output_dir) / "logs"))
+            except Exception:  # tensorboard not installed
+                if report_to == "tensorboard":
+                    raise SystemExit("error: --report-to tensorboard needs `pip install tensorboard`")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run training; returns the exported checkpoint folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.grad_accum)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    set_seed(args.seed * 1000 + rank)  # different noise per rank, reproducible
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    dataset = build_dataset(args, accelerator)
+    classes = list(getattr(dataset, "classes", ["0"]))
+    model = build_model(args, dataset)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    objective = get_objective(args.objective)
+    ema = EMA(model, args.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    warmup = max(1, args.lr_warmup_steps)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    # The LR schedule is stepped once per optimizer step by hand (a prepared scheduler would step once per
+    # process) and saved with the training state.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_schedule)
+    ema.model.to(accelerator.device)
+
+    resume = resolve_resume(args)
+    step = 0
+    if resume is not None:
+        step = load_training_checkpoint(accelerator, ema, resume)
+        accelerator.print(f"resumed from {resume} at step {step}")
+    if step >= args.max_steps:
+        accelerator.print(f"already at step {step} >= --max-steps {args.max_steps}; exporting")
+
+    sampler = StepBatchSampler(len(dataset), args.batch_size, world, rank, args.seed, start=step * args.grad_accum)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers)
+    unwrapped = accelerator.unwrap_model(model)
+    logger = MetricsLogger(args.output_dir, args.report_to, accelerator.is_main_process)
+    if accelerator.is_main_process and step == 0:
+        (Path(args.output_dir) / "config.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        accelerator.print(f"{args.model}: {count_params(unwrapped) / 1e6:.2f}M parameters, {world} process(es), "
+                          f"global batch {args.batch_size * world * args.grad_accum}, device {accelerator.device}")
+    logger.log(step, {"num_processes": world})
+
+    last_good = list_checkpoints(args.output_dir)
+    bar = tqdm(total=args.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process,
+               dynamic_ncols=True)
+    start_time, start_step, running = time.time(), step, []
+    data_iter = iter(loader)
+    model.train()
+    while step < args.max_steps:
+        x, y = next(data_iter)
+        x, y = x.to(accelerator.device), y.to(accelerator.device)
+        if (y < 0).any() or (y >= unwrapped.num_classes).any():
+            raise ValueError(f"labels out of range [0, {unwrapped.num_classes - 1}] in the batch at step {step}")
+        with accelerator.accumulate(model):
+            terms = objective.training_losses(model, x, y)
+            loss = terms["loss"].mean()
+            for name, value in unwrapped.auxiliary_losses(step).items():
+                terms[name] = value.detach().reshape(1)
+                loss = loss + value
+            finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1).float()).min()
+            if finite < 1:
+                where = f"the last good checkpoint is {last_good[-1]}" if last_good else "no checkpoint was written yet"
+                raise FloatingPointError(f"non-finite loss at step {step + 1}; training stopped before the update, "
+                                         f"{where}. Fix: lower --lr, use --mixed-precision no/bf16, or check the data; "
+                                         "then --resume-from latest.")
+            accelerator.backward(loss)
+            grad_norm = None
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        running.append(loss.detach())
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        ema.update(unwrapped)
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.max_steps:
+            mean_loss = accelerator.reduce(torch.stack(running).mean(), "mean").item()
+            running = []
+            values = {"loss": mean_loss, "lr": lr_schedule.get_last_lr()[0],
+                      "steps_per_sec": (step - start_step) / max(1e-9, time.time() - start_time)}
+            values.update({k: float(v.detach().mean()) for k, v in terms.items() if k != "loss"})
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            logger.log(step, values)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+        if step % args.checkpointing_steps == 0 or step == args.max_steps:
+            last_good.append(save_training_checkpoint(accelerator, ema, step, args))
+        if args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
+            write_preview(ema.model, args, classes, step, accelerator.device)
+        if args.sample_every and step % args.sample_every == 0:
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    export = Path(args.export_dir or Path(args.output_dir) / "final")
+    if accelerator.is_main_process:
+        elapsed = time.time() - start_time
+        extra = {"training": {"steps": step, "seconds_this_run": round(elapsed, 1), "num_processes": world,
+                              "command": " ".join(["python", "train.py", *sys.argv[1:]])}}
+        save_checkpoint(ema.model, export, studio_meta(args, classes, extra))
+        if not args.sample_every or step % args.sample_every:
+            write_preview(ema.model, args, classes, step, accelerator.device)
+        accelerator.print(f"exported EMA weights to {export}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return export
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
