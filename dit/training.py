@@ -300,7 +300,8 @@ class MetricsLogger:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
             for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -342,7 +343,9 @@ def train(args: argparse.Namespace) -> Path:
         accelerator.print(f"already at step {step} >= --max-steps {args.max_steps}; exporting")
 
     sampler = StepBatchSampler(len(dataset), args.batch_size, world, rank, args.seed, start=step * args.grad_accum)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers)
+    # Its own generator: creating the iterator must not consume the (restored) global RNG stream.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                         generator=torch.Generator().manual_seed(args.seed))
     unwrapped = accelerator.unwrap_model(model)
     logger = MetricsLogger(args.output_dir, args.report_to, accelerator.is_main_process)
     if accelerator.is_main_process and step == 0:
@@ -405,6 +408,10 @@ def train(args: argparse.Namespace) -> Path:
         if args.sample_every and step % args.sample_every == 0:
             accelerator.wait_for_everyone()
     bar.close()
+    # Every rank's weights must be identical after synchronised (averaged) gradient steps: log the evidence.
+    checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).sum().reshape(1)
+    checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
+    logger.log(step, {"num_processes": world, "param_checksums": checksums})
 
     export = Path(args.export_dir or Path(args.output_dir) / "final")
     if accelerator.is_main_process:

@@ -42,5 +42,5 @@ class AttentionOp(nn.Module):
         return x
 
     def flops(self, num_tokens: int) -> float:
-        """Multiply-adds of one forward for one sample (attention products counted twice, as the DiT paper)."""
+        """Multiply-adds of one forward for one sample, attention products included (the DiT paper's Gflops)."""
         raise NotImplementedError

@@ -96,5 +96,5 @@ class SoftmaxAttention(AttentionOp):
     def flops(self, num_tokens: int) -> float:
         d = self.proj.in_features
         projections = 4 * num_tokens * d * d
-        products = 2 * num_tokens * num_tokens * d  # QK^T and AV, counted at 2x their MACs (DiT paper)
-        return float(projections + 2 * products)
+        products = 2 * num_tokens * num_tokens * d  # QK^T and AV, one multiply-add each (the DiT paper's count)
+        return float(projections + products)
