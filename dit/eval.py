@@ -366,7 +366,8 @@ def sample_digits(model: torch.nn.Module, meta: dict[str, Any] | None = None, nu
                           scheduler_name=settings["scheduler"], steps=settings["steps"],
                           cfg_scale=settings["cfg_scale"], objective=settings["objective"],
                           learn_sigma=bool(cfg.get("learn_sigma", True)), null_class=int(cfg["num_classes"]),
-                          device=device, dtype=dtype, progress=progress, desc="sampling").float().cpu())
+                          device=device, dtype=dtype, clip_denoised=True, progress=progress,
+                          desc="sampling").float().cpu())
     return torch.cat(out), labels, settings
 
 

@@ -185,7 +185,8 @@ def generate(model: torch.nn.Module, labels: Sequence[int], seeds: Sequence[int]
     for start in range(0, len(labels), batch_size):
         y = torch.tensor(labels[start:start + batch_size])
         x = sample(model, y, seeds[start:start + batch_size], shape, scheduler, steps, cfg_scale, objective,
-                   learn_sigma, num_classes, cfg_channels, device, dtype, callback=on_step, progress=progress,
+                   learn_sigma, num_classes, cfg_channels, device, dtype, clip_denoised=vae is None,
+                   callback=on_step, progress=progress,
                    desc=f"sampling {start + 1}-{start + len(y)}/{len(labels)}")
         if vae is not None:
             x = decode_latents(vae, x, latent_scale)

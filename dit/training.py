@@ -267,7 +267,8 @@ def write_preview(model: DiT, args: argparse.Namespace, classes: list[str], step
     seeds = list(range(len(labels)))
     shape = (model.in_channels, model.config.input_size, model.config.input_size)
     x = sample(model, labels, seeds, shape, args.sample_scheduler, args.sample_steps, args.sample_cfg_scale,
-               args.objective, model.config.learn_sigma, model.num_classes, device=device, progress=False)
+               args.objective, model.config.learn_sigma, model.num_classes, device=device,
+               clip_denoised=not args.vae, progress=False)
     if args.vae:
         from .pipeline import decode_latents, load_vae
 

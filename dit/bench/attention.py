@@ -25,6 +25,8 @@ Method:
 - FLOPs: `dit.flops` (multiply-adds, DiT paper convention); ratios are softmax / variant, measured in
   the same run. Efficiency = measured speed-up / FLOP-ratio speed-up (the issue's target: >= 0.8
   where the FLOP ratio > 1.5).
+- threads: `--threads 1` gives the steadiest ratios on a shared, loaded CPU (with 2 threads every
+  parallel op waits for a descheduled thread); the numbers in the issue's report used it.
 - configurations whose estimated memory exceeds `--max-gb` (default 8) are skipped and listed.
 Writes a table to stdout, `attention.json` and `attention.png` to `--output` (bench/results).
 """
@@ -314,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     meta = {"width": WIDTH, "heads": HEADS, "model_depth": MODEL_DEPTH, "patch": PATCH, "batch": 1,
-            "dtype": "float32", "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "dtype": "float32", "device": args.device, "torch": torch.__version__,
+            "threads": args.threads or torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg(),
             "memory_method": "ru_maxrss after the first forward minus RSS before it, fresh process per case"
             if args.device == "cpu" else "torch.cuda.max_memory_allocated minus allocated before the forward",

@@ -28,25 +28,38 @@ _DDPM_BASE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    build: Callable[[bool], Any]         # learn_sigma -> scheduler
+    build: Callable[[bool, bool], Any]   # (learn_sigma, clip x0 to [-1, 1]) -> scheduler
     objectives: tuple[str, ...]          # training objectives it can sample
     uses_learned_sigma: bool = False     # consumes the variance channels itself
     description: str = ""
 
 
-def _ddpm(learn_sigma: bool) -> DDPMScheduler:
+def _ddpm(learn_sigma: bool, clip: bool) -> DDPMScheduler:
     return DDPMScheduler(**_DDPM_BASE, variance_type="learned_range" if learn_sigma else "fixed_small",
-                         clip_sample=False, timestep_spacing="linspace")
+                         clip_sample=clip, timestep_spacing="linspace")
 
 
-def _dpmpp(learn_sigma: bool) -> DPMSolverMultistepScheduler:
+def _ddim(learn_sigma: bool, clip: bool) -> DDIMScheduler:
+    return DDIMScheduler(**_DDPM_BASE, clip_sample=clip, set_alpha_to_one=True, timestep_spacing="trailing")
+
+
+# Dynamic thresholding with sample_max_value 1.0 is a plain clip of the predicted x0 to [-1, 1].
+def _clip_kwargs(clip: bool) -> dict[str, Any]:
+    return dict(thresholding=True, sample_max_value=1.0) if clip else {}
+
+
+def _unipc(learn_sigma: bool, clip: bool) -> UniPCMultistepScheduler:
+    return UniPCMultistepScheduler(**_DDPM_BASE, timestep_spacing="linspace", **_clip_kwargs(clip))
+
+
+def _dpmpp(learn_sigma: bool, clip: bool) -> DPMSolverMultistepScheduler:
     # The variance channels are stripped here, not by diffusers' `variance_type="learned_range"`, which
     # keeps only `model_output[:, :3]` (wrong for latents with 4 channels and for 1-channel pixels).
     return DPMSolverMultistepScheduler(**_DDPM_BASE, algorithm_type="dpmsolver++", solver_order=2,
-                                       timestep_spacing="linspace", lower_order_final=True)
+                                       timestep_spacing="linspace", lower_order_final=True, **_clip_kwargs(clip))
 
 
-def _flow_dpmpp(learn_sigma: bool) -> DPMSolverMultistepScheduler:
+def _flow_dpmpp(learn_sigma: bool, clip: bool) -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2,
                                        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
                                        lower_order_final=True)
@@ -54,18 +67,16 @@ def _flow_dpmpp(learn_sigma: bool) -> DPMSolverMultistepScheduler:
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(_ddpm, ("ddpm",), True, "ancestral DDPM with the learned variance (the original DiT's sampler)"),
-    "ddim": SamplerSpec(lambda ls: DDIMScheduler(**_DDPM_BASE, clip_sample=False, set_alpha_to_one=True,
-                                                 timestep_spacing="trailing"), ("ddpm",), False, "deterministic DDIM"),
+    "ddim": SamplerSpec(_ddim, ("ddpm",), False, "deterministic DDIM"),
     "dpm++": SamplerSpec(_dpmpp, ("ddpm",), False, "DPM-Solver++ (2M); few steps"),
-    "euler": SamplerSpec(lambda ls: EulerDiscreteScheduler(**_DDPM_BASE, timestep_spacing="linspace"),
+    "euler": SamplerSpec(lambda ls, clip: EulerDiscreteScheduler(**_DDPM_BASE, timestep_spacing="linspace"),
                          ("ddpm",), False, "Euler (Karras et al.) on the eps model"),
-    "euler-a": SamplerSpec(lambda ls: EulerAncestralDiscreteScheduler(**_DDPM_BASE, timestep_spacing="linspace"),
+    "euler-a": SamplerSpec(lambda ls, clip: EulerAncestralDiscreteScheduler(**_DDPM_BASE, timestep_spacing="linspace"),
                            ("ddpm",), False, "ancestral Euler"),
-    "heun": SamplerSpec(lambda ls: HeunDiscreteScheduler(**_DDPM_BASE, timestep_spacing="linspace"),
+    "heun": SamplerSpec(lambda ls, clip: HeunDiscreteScheduler(**_DDPM_BASE, timestep_spacing="linspace"),
                         ("ddpm",), False, "Heun, 2 evaluations per step"),
-    "unipc": SamplerSpec(lambda ls: UniPCMultistepScheduler(**_DDPM_BASE, timestep_spacing="linspace"),
-                         ("ddpm",), False, "UniPC multistep"),
-    "flow-euler": SamplerSpec(lambda ls: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+    "unipc": SamplerSpec(_unipc, ("ddpm",), False, "UniPC multistep"),
+    "flow-euler": SamplerSpec(lambda ls, clip: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
                               ("flow",), False, "Euler ODE for rectified-flow models"),
     "flow-dpm++": SamplerSpec(_flow_dpmpp, ("flow",), False, "DPM-Solver++ (2M) for rectified-flow models"),
 }
@@ -75,15 +86,19 @@ def sampler_names(objective: str | None = None) -> list[str]:
     return [n for n, s in SAMPLERS.items() if objective is None or objective in s.objectives]
 
 
-def get_sampler(name: str, objective: str = "ddpm", learn_sigma: bool = True) -> tuple[Any, SamplerSpec]:
-    """A fresh diffusers scheduler for `name`, checked against the model's training objective."""
+def get_sampler(name: str, objective: str = "ddpm", learn_sigma: bool = True,
+                clip_denoised: bool = False) -> tuple[Any, SamplerSpec]:
+    """A fresh diffusers scheduler for `name`, checked against the model's training objective.
+
+    `clip_denoised` clips the predicted x0 to [-1, 1] where the scheduler supports it (pixel-space models,
+    as ADM/IDDPM's `clip_denoised=True`; latent models such as the original DiT do not clip)."""
     if name not in SAMPLERS:
         raise ValueError(f"Unknown scheduler {name!r}. Valid schedulers: {', '.join(SAMPLERS)}")
     spec = SAMPLERS[name]
     if objective not in spec.objectives:
         raise ValueError(f"scheduler {name!r} cannot sample a model trained with the {objective!r} objective; "
                          f"use one of: {', '.join(sampler_names(objective))}")
-    return spec.build(learn_sigma), spec
+    return spec.build(learn_sigma, clip_denoised), spec
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu",
@@ -113,7 +128,7 @@ def guided_output(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.
 def sample(model: Callable[..., torch.Tensor], labels: torch.Tensor, seeds: list[int], shape: tuple[int, ...],
            scheduler_name: str = "ddpm", steps: int = 250, cfg_scale: float = 4.0, objective: str = "ddpm",
            learn_sigma: bool = True, null_class: int = 1000, cfg_channels: int | None = None,
-           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, clip_denoised: bool = False,
            callback: Callable[[int, int, torch.Tensor], None] | None = None, progress: bool = True,
            desc: str = "sampling") -> torch.Tensor:
     """Run one batch of the reverse process and return x0 of shape (N, *shape).
@@ -124,7 +139,7 @@ def sample(model: Callable[..., torch.Tensor], labels: torch.Tensor, seeds: list
         raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    scheduler, spec = get_sampler(scheduler_name, objective, learn_sigma)
+    scheduler, spec = get_sampler(scheduler_name, objective, learn_sigma, clip_denoised)
     scheduler.set_timesteps(steps, device=device)
     x, generators = initial_noise(seeds, shape, device, torch.float32)  # the state stays in float32
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
