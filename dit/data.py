@@ -194,7 +194,8 @@ def cache_latents(dataset: torch.utils.data.Dataset, vae_path: str, cache_file: 
             means.append(dist.mean.cpu())
             stds.append(dist.std.cpu())
             labels.append(torch.as_tensor(y))
-    tensors = {"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels).long()}
+    tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+               "labels": torch.cat(labels).long().contiguous()}
     tmp = cache_file + ".tmp"
     save_file(tensors, tmp, metadata={"key": key})
     os.replace(tmp, cache_file)

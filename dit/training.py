@@ -210,6 +210,21 @@ def resolve_resume(args: argparse.Namespace) -> Path | None:
     return path
 
 
+# Settings that define the model and its objective: a resumed run must use the same ones.
+RESUME_MUST_MATCH = ("model", "attention", "attention_options", "mlp_type", "dynamic", "objective", "learn_sigma",
+                     "image_size", "channels", "vae", "class_dropout")
+
+
+def check_resume_compatible(path: Path, args: argparse.Namespace) -> None:
+    saved = json.loads((path / TRAIN_STATE_FILE).read_text()).get("args", {})
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, now {getattr(args, k)!r}"
+             for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: it was trained with different settings:\n  "
+                         + "\n  ".join(diffs) + "\nFix: resume with the same settings, or start a new --output-dir "
+                         "and use --init-from to inherit its weights (e.g. softmax -> linear attention).")
+
+
 def save_training_checkpoint(accelerator: Any, ema: EMA, step: int, args: argparse.Namespace) -> Path:
     """accelerator.save_state + EMA + step into a temp folder, then an atomic rename; prune old ones."""
     from safetensors.torch import save_file
@@ -338,6 +353,7 @@ def train(args: argparse.Namespace) -> Path:
     resume = resolve_resume(args)
     step = 0
     if resume is not None:
+        check_resume_compatible(resume, args)
         step = load_training_checkpoint(accelerator, ema, resume)
         accelerator.print(f"resumed from {resume} at step {step}")
     if step >= args.max_steps:

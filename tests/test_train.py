@@ -132,3 +132,59 @@ def test_two_rank_accelerate_launch_is_one_job(tmp_path):
     assert len(final) == 2 and final[0] == final[1]
     assert sorted(p.name for p in (out / "checkpoint-6").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
+
+
+def test_resume_with_different_variant_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    train(parse_args(TINY + ["--max-steps", "2", "--checkpointing-steps", "2", "--output-dir", str(out)]))
+    with pytest.raises(ValueError, match=r"(?s)different settings.*--attention: checkpoint 'softmax', now 'linear'"):
+        train(parse_args(TINY + ["--max-steps", "4", "--attention", "linear", "--output-dir", str(out),
+                                 "--resume-from", "latest"]))
+
+
+def test_latent_training_with_a_local_vae_and_sampling_from_the_export(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from dit.cli.sample import main as sample_main
+
+    vae_dir = tmp_path / "vae"
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  norm_num_groups=8, sample_size=16).save_pretrained(vae_dir)
+    data = tmp_path / "data"
+    _write_folder(data, corrupt=False)
+    out = tmp_path / "latent"
+    export = train(parse_args(["--data", str(data), "--vae", str(vae_dir), "--image-size", "16",
+                               "--model", "DiT-Micro/4", "--batch-size", "4", "--max-steps", "3",
+                               "--sample-steps", "2", "--output-dir", str(out)]))
+    assert (out / "latents.safetensors").exists()
+    from dit.model import DiT
+
+    model = DiT.from_pretrained(export)
+    assert model.config.in_channels == 4 and model.config.input_size == 8  # 16 px through a 2x VAE
+    samples = tmp_path / "samples"
+    sample_main(["--checkpoint", str(export), "--steps", "2", "--output", str(samples), "--no-grid"])
+    with Image.open(samples / "0000-class0-seed0.png") as im:
+        assert im.size == (16, 16) and im.mode == "RGB"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from dit.model import DiT
+
+    torch.manual_seed(0)
+    m = DiT(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+            class_dropout_prob=0.0)
+    for p in m.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 600]), torch.tensor([1, 2])
+    m.train()
+    m(x, t, y).square().mean().backward()
+    ref = [p.grad.clone() for p in m.parameters() if p.requires_grad]
+    m.zero_grad()
+    m.enable_gradient_checkpointing()
+    assert m.gradient_checkpointing
+    m(x, t, y).square().mean().backward()
+    got = [p.grad for p in m.parameters() if p.requires_grad]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ref, got))
