@@ -236,6 +236,7 @@ def save_training_checkpoint(accelerator: Any, ema: EMA, step: int, args: argpar
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank's RNG file is in the temp folder before it is renamed
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / EMA_FILE))
         (tmp / TRAIN_STATE_FILE).write_text(json.dumps({"step": step, "args": vars(args)}, indent=2, default=str))
