@@ -217,9 +217,12 @@ class DiT(ModelMixin, ConfigMixin):
             raise ValueError(f"input size {x.shape[2]}x{x.shape[3]} is not divisible by the patch size {p}")
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N, C, H, W) images or latents, t: (N,) timesteps, y: (N,) labels (num_classes = null).
 
+        In training, labels are dropped to the null class with `class_dropout_prob` (or exactly where
+        `force_drop_ids == 1` when given, as the original's LabelEmbedder).
         Returns (N, 2C, H, W) when `learn_sigma` (noise prediction then variance interpolation), else (N, C, H, W).
         """
         self.check_input(x)
@@ -227,7 +230,7 @@ class DiT(ModelMixin, ConfigMixin):
         h = self.x_embedder(x)
         h = h + self.position_table(*grid, like=h)
         t_emb = self.t_embedder(t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t)
-        c = t_emb + self.y_embedder(y, self.training)
+        c = t_emb + self.y_embedder(y, self.training, force_drop_ids)
         ctx = BlockContext(grid=grid, t_emb=t_emb)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume-from", "--resume_from_checkpoint", dest="resume_from", default=None,
       help="'latest' or a checkpoint folder")
     a("--init-from", default=None, help="initialise weights from a checkpoint (matching keys and shapes)")
+    a("--init-attention", default="all", choices=("all", "proj", "none"),
+      help="with --init-from: which attention weights to inherit (LiT: 'none' re-initialises attention)")
+    a("--teacher", default=None, help="distil from a trained checkpoint's outputs (LiT's hybrid distillation)")
+    a("--distill-eps", type=float, default=0.5, help="weight of ||eps_teacher - eps_student||^2 (LiT lambda1)")
+    a("--distill-var", type=float, default=0.05, help="weight of the variance-output distillation (LiT lambda2)")
     a("--sample-every", type=int, default=0, help="write an EMA sample grid every N steps (0: only at the end)")
     a("--sample-scheduler", default=None, help="scheduler for previews and the exported default")
     a("--sample-steps", type=int, default=None)
@@ -165,12 +170,15 @@ def build_model(args: argparse.Namespace, dataset: torch.utils.data.Dataset) -> 
         overrides["dynamic"] = json.loads(args.dynamic)
     model = DiT(**model_kwargs(args.model, **overrides))
     if args.init_from:
-        init_weights_from(model, args.init_from)
+        init_weights_from(model, args.init_from, args.init_attention)
     return model
 
 
-def init_weights_from(model: DiT, path: str) -> None:
-    """Copy every weight whose name and shape match (e.g. a softmax DiT into a linear-attention one)."""
+def init_weights_from(model: DiT, path: str, attention: str = "all") -> None:
+    """Copy every weight whose name and shape match (e.g. a softmax DiT into a linear-attention one).
+
+    `attention`: "all" matching attention weights too, "proj" only their output projections, "none" none
+    (LiT's weight-inheritance finding: keep everything but attention)."""
     from .checkpoint import weights_file
     from safetensors.torch import load_file
 
@@ -178,13 +186,44 @@ def init_weights_from(model: DiT, path: str) -> None:
     if source is None:
         raise FileNotFoundError(f"--init-from {path!r} is not a studio checkpoint folder")
     own = model.state_dict()
-    matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    def wanted(key: str) -> bool:
+        return ".attn." not in key or attention == "all" or (attention == "proj" and ".attn.proj." in key)
+
+    matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape and wanted(k)}
     if not matched:
         raise ValueError(f"--init-from {path}: no weight matches this model (different preset or sizes?)")
     model.load_state_dict(matched, strict=False)
     skipped = sorted(set(own) - set(matched))
     print(f"initialised {len(matched)}/{len(own)} tensors from {path}"
           + (f"; new (not inherited): {', '.join(skipped[:8])}{' ...' if len(skipped) > 8 else ''}" if skipped else ""))
+
+
+def load_teacher(path: str, device: Any) -> DiT:
+    from .convert import load_any
+
+    teacher, _ = load_any(path, device=device)
+    return teacher.eval().requires_grad_(False)
+
+
+def distillation_losses(model: Any, teacher: DiT, objective: Any, x: torch.Tensor, y: torch.Tensor,
+                        student: DiT, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """LiT's hybrid distillation: L_simple (+ L_vb) + l1 ||eps_T - eps_S||^2 + l2 ||Sigma_T - Sigma_S||^2,
+    with the teacher seeing the same noised input and the same (possibly dropped) label."""
+    if teacher.out_channels != student.out_channels or teacher.config.num_classes != student.num_classes:
+        raise ValueError("--teacher must predict the same channels and classes as the student")
+    batch = objective.noise(x)
+    drop = (torch.rand(y.shape[0], device=y.device) < student.config.class_dropout_prob).long()
+    out = model(batch.x_t, batch.t, y, force_drop_ids=drop)
+    terms = objective.loss_terms(out, batch)
+    with torch.no_grad():
+        target = teacher(batch.x_t, batch.t, torch.where(drop.bool(), torch.full_like(y, student.num_classes), y))
+    c = x.shape[1]
+    terms["distill_eps"] = ((out[:, :c].float() - target[:, :c].float()) ** 2).mean(dim=(1, 2, 3))
+    terms["loss"] = terms["loss"] + args.distill_eps * terms["distill_eps"]
+    if out.shape[1] == 2 * c:
+        terms["distill_var"] = ((out[:, c:].float() - target[:, c:].float()) ** 2).mean(dim=(1, 2, 3))
+        terms["loss"] = terms["loss"] + args.distill_var * terms["distill_var"]
+    return terms
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -372,6 +411,7 @@ def train(args: argparse.Namespace) -> Path:
                           f"global batch {args.batch_size * world * args.grad_accum}, device {accelerator.device}")
     logger.log(step, {"num_processes": world})
 
+    teacher = load_teacher(args.teacher, accelerator.device) if args.teacher else None
     last_good = list_checkpoints(args.output_dir)
     bar = tqdm(total=args.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
@@ -384,7 +424,10 @@ def train(args: argparse.Namespace) -> Path:
         if (y < 0).any() or (y >= unwrapped.num_classes).any():
             raise ValueError(f"labels out of range [0, {unwrapped.num_classes - 1}] in the batch at step {step}")
         with accelerator.accumulate(model):
-            terms = objective.training_losses(model, x, y)
+            if teacher is None:
+                terms = objective.training_losses(model, x, y)
+            else:
+                terms = distillation_losses(model, teacher, objective, x, y, unwrapped, args)
             loss = terms["loss"].mean()
             for name, value in unwrapped.auxiliary_losses(step).items():
                 terms[name] = value.detach().reshape(1)

@@ -188,3 +188,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     m(x, t, y).square().mean().backward()
     got = [p.grad for p in m.parameters() if p.requires_grad]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ref, got))
+
+
+def test_linear_student_inherits_from_softmax_teacher_and_distils(tmp_path):
+    teacher = train(parse_args(TINY + ["--max-steps", "30", "--output-dir", str(tmp_path / "teacher")]))
+    student = TINY + ["--max-steps", "15", "--log-every", "15", "--attention", "linear", "--init-from",
+                      str(teacher), "--init-attention", "none", "--teacher", str(teacher)]
+    final = {}
+    for name, weight in (("plain", "0"), ("distilled", "5")):
+        export = train(parse_args(student + ["--distill-eps", weight, "--distill-var", weight,
+                                             "--output-dir", str(tmp_path / name)]))
+        final[name] = [m for m in read_metrics(tmp_path / name) if "loss" in m][-1]
+    # the distillation term pulls the student's outputs toward the teacher's
+    assert final["distilled"]["distill_eps"] < final["plain"]["distill_eps"]
+    from safetensors.torch import load_file
+
+    from dit.checkpoint import weights_file
+
+    t, s = load_file(str(weights_file(teacher))), load_file(str(weights_file(export)))
+    assert json.loads((export / "config.json").read_text())["attention"] == "linear"
+    assert "blocks.0.attn.dwc.weight" in s and "blocks.0.attn.dwc.weight" not in t
