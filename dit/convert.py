@@ -492,7 +492,9 @@ def load_any(path: str | os.PathLike, model_name: str | None = None, device: tor
     else:
         raise ConversionError(f"{path} is neither a file nor a folder")
     if device is not None or dtype is not None:
-        model = model.to(device=device, dtype=dtype)
+        from .pipeline import cast_model
+
+        model = cast_model(model, device or "cpu", dtype or torch.float32)
     return model.eval(), meta
 
 

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attention-options", default=None, help="JSON dict of attention options (e.g. '{\"window\": [2, 2]}')")
     a("--mlp", dest="mlp_type", default="mlp", help="MLP type: mlp | mixffn")
     a("--dynamic", default=None, help="JSON dict enabling DyDiT dynamic width (e.g. '{\"target\": 0.5}')")
+    a("--router-lr", type=float, default=None,
+      help="learning rate of DyDiT's routers (default: --lr); short fine-tunes need a larger one")
     a("--objective", default="ddpm", choices=("ddpm", "flow"))
     a("--learn-sigma", dest="learn_sigma", action=argparse.BooleanOptionalAction, default=None,
       help="learned variance (default: on for ddpm, off for flow)")
@@ -381,7 +383,10 @@ def train(args: argparse.Namespace) -> Path:
         model.enable_gradient_checkpointing()
     objective = get_objective(args.objective)
     ema = EMA(model, args.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    routers = [p for n, p in model.named_parameters() if "_router." in n]
+    others = [p for n, p in model.named_parameters() if "_router." not in n]
+    groups = [{"params": others}] + ([{"params": routers, "lr": args.router_lr or args.lr}] if routers else [])
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(1, args.lr_warmup_steps)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     # The LR schedule is stepped once per optimizer step by hand (a prepared scheduler would step once per
