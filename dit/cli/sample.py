@@ -103,7 +103,11 @@ def run(args: argparse.Namespace) -> list[Path]:
                    class_names=meta.get("class_names"), batch_size=args.batch_size, device=device, dtype=dtype,
                    vae=vae, latent_scale=meta.get("latent_scale"), image_size=args.image_size,
                    cfg_channels=args.cfg_channels)
-    ncols = args.per_label if args.per_label > 1 and args.num_images is None else None
+    if args.per_label > 1 and args.num_images is None:
+        ncols = args.per_label          # one row per label
+    else:
+        ncols = len(labels) if len(labels) <= 10 else None
+
     paths = out.save(args.output, grid=not args.no_grid, grid_cols=ncols)
     print(f"wrote {len(paths)} image(s){'' if args.no_grid else ' and grid.png'} to {args.output} "
           f"({scheduler}, {steps} steps, cfg {cfg_scale}) in {time.time() - t0:.1f}s")
