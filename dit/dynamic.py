@@ -168,6 +168,14 @@ def _with_first_on(gate: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.ones_like(gate[:, :1]), gate], dim=1)
 
 
+def _active_subset(mask: torch.Tensor | None, total: int) -> tuple[int, ...] | None:
+    """Active head/group indices of a batch-uniform mask (row 0); None when there is no mask or all are on."""
+    if mask is None:
+        return None
+    active = tuple(i for i, on in enumerate(mask[0].tolist()) if on > 0.5)
+    return None if len(active) == total else active
+
+
 def _expand_groups(mask: torch.Tensor, channels: int) -> torch.Tensor:
     """(B, G) group mask -> (B, channels) channel mask (G equal contiguous groups)."""
     return mask.repeat_interleave(channels // mask.shape[1], dim=1)
@@ -395,11 +403,7 @@ class DynamicDiTBlock(DiTBlock):
         # ---- attention branch (TDW heads)
         x = self.attn.pre_attention(x, c, ctx)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
-        heads: tuple[int, ...] | None = None
-        if head_mask is not None and sliced:
-            heads = tuple(i for i, on in enumerate(head_mask[0].tolist()) if on > 0.5)
-            if len(heads) == self.num_groups:
-                heads = None
+        heads = _active_subset(head_mask, self.num_groups) if sliced else None
         if heads is not None and self._attention_sliceable():
             attn_out = self._sliced_attention(h, heads)
         elif head_mask is not None and (heads is not None or not sliced):
@@ -416,11 +420,7 @@ class DynamicDiTBlock(DiTBlock):
         if self.token_router is not None:
             token_mask = binary_gate(self.token_router(x).squeeze(-1), self.tau, self.training)  # (B, N)
         hm = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        groups: tuple[int, ...] | None = None
-        if group_mask is not None and sliced:
-            groups = tuple(i for i, on in enumerate(group_mask[0].tolist()) if on > 0.5)
-            if len(groups) == self.num_groups:
-                groups = None
+        groups = _active_subset(group_mask, self.num_groups) if sliced else None
         if sliced:
             if groups is not None and not self._mlp_sliceable():
                 mlp_fn = self._masked_mlp_fn(group_mask, ctx.grid, uniform=True)

@@ -634,30 +634,10 @@ def format_folders_table(results: dict[str, Any]) -> str:
 # Loading and CLI
 # ---------------------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path, device: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(model, studio meta) through `dit.convert.load_any`, or a studio folder while that is unavailable."""
-    try:
-        from .convert import load_any
-    except ModuleNotFoundError as exc:  # dit.convert not written yet; a broken one still raises
-        if exc.name != f"{__package__}.convert":
-            raise
-        load_any = None
-    except ImportError as exc:  # dit.convert exists without load_any
-        if "load_any" not in str(exc):
-            raise
-        load_any = None
-    if load_any is not None:
-        return load_any(str(path), device=device)
-    from .checkpoint import read_studio_meta
-    from .model import DiT
+    """(model, studio meta) of any checkpoint `dit.convert.load_any` reads."""
+    from .convert import load_any
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise EvalError(f"checkpoint {folder} is not a folder; pass a studio checkpoint folder "
-                        "(config.json + weights + studio.json)")
-    model = DiT.from_pretrained(str(folder))
-    if device:
-        model = model.to(device)
-    return model, read_studio_meta(folder)
+    return load_any(str(path), device=device)
 
 
 def _json_safe(o: Any) -> Any:
