@@ -505,6 +505,35 @@ def _check_against_preset(model: DiT, model_name: str) -> None:
                               f"{model_kwargs(model_name)['num_heads']}. Fix: pass the matching preset or omit --model.")
 
 
+def convert(src: str | os.PathLike, out: str | os.PathLike, model_name: str | None = None, to: str = "studio",
+            diffusers_norm_eps: float = 1e-6) -> DiT:
+    """Convert SRC (official .pt, studio or diffusers folder) into a new `to` folder OUT, written atomically.
+
+    Returns the loaded studio model. OUT must not be SRC (sources are never overwritten)."""
+    src, out = Path(src), Path(out)
+    if to not in ("studio", "diffusers"):
+        raise ConversionError(f"unknown target format {to!r}; use 'studio' or 'diffusers'")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise ConversionError("OUT is the same as SRC; write the conversion to a new folder")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} exists and is a file; OUT must be a folder")
+    model, meta = load_any(src, model_name)
+    if to == "studio":
+        save_checkpoint(model, out, studio=meta)
+        return model
+    target = to_diffusers(model, norm_eps=diffusers_norm_eps)
+    tmp = make_temp_dir(out)
+    try:
+        target.save_pretrained(tmp, safe_serialization=True)
+        atomic_replace_dir(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model
+
+
 # ====================================================================== CLI
 def main(argv: list[str] | None = None) -> int:
     """`python -m dit.convert SRC OUT [--model PRESET] [--to studio|diffusers]`."""
@@ -520,24 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     src, out = Path(args.src), Path(args.out)
     try:
-        if out.exists() and src.exists() and out.resolve() == src.resolve():
-            raise ConversionError("OUT is the same as SRC; write the conversion to a new folder")
-        if out.exists() and not out.is_dir():
-            raise ConversionError(f"{out} exists and is a file; OUT must be a folder")
-        model, meta = load_any(src, args.model)
-        if args.to == "studio":
-            save_checkpoint(model, out, studio=meta)
-        else:
-            target = to_diffusers(model, norm_eps=args.diffusers_norm_eps)
-            tmp = make_temp_dir(out)
-            try:
-                target.save_pretrained(tmp, safe_serialization=True)
-                atomic_replace_dir(tmp, out)
-            except BaseException:
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        model = convert(src, out, args.model, args.to, args.diffusers_norm_eps)
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -28,6 +28,18 @@ def upsample_digits(images_8x8: np.ndarray, size: int = DIGITS_SIZE) -> torch.Te
     return x * 2 - 1
 
 
+#: the embedded digits datasets by `--data` name -> whether intensities are inverted
+DIGITS_DATASETS = {"digits": False, "digits-inverted": True}
+
+
+def load_digits_dataset(name: str, split: str = "train", size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """`digits` or `digits-inverted` (dark strokes on a white background: x -> -x, same labels and split)."""
+    if name not in DIGITS_DATASETS:
+        raise ValueError(f"unknown embedded dataset {name!r}; valid: {', '.join(DIGITS_DATASETS)}")
+    images, labels = load_digits(split, size)
+    return (-images if DIGITS_DATASETS[name] else images), labels
+
+
 def load_digits(split: str = "train", size: int = DIGITS_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """The embedded digits as ((N, 1, size, size) in [-1, 1], (N,) labels); split: train | test | all."""
     from sklearn.datasets import load_digits as _sk_load_digits

@@ -58,6 +58,12 @@ one timestep for the batch (every sampler step, CFG halves included) evaluates t
 per layer, slices the weights (LRU per pattern, invalidated when weights change) and gathers tokens.
 `set_dynamic_execution(model, "masked")` forces masks (the reference path in tests).
 
+Dynamic width is a *transform of a built model*: `apply_dynamic(model, cfg)` wraps each `DiTBlock`'s own
+modules (same keys) in a `DynamicDiTBlock` with fresh routers and registers the FLOPs loss. It is
+registered as the model transform of the config key `dynamic` (`dit.model.register_model_transform`), so
+`DiT(..., dynamic={...})` and `DiT.from_pretrained` of a dynamic checkpoint build the static model and
+then apply it; `dit.model` never imports this module.
+
 Usage::
 
     model = DiT(**model_kwargs("DiT-S/2"), dynamic={"target": 0.5})     # or:
@@ -84,7 +90,7 @@ from torch import nn
 from .attention import BlockContext
 from .attention.softmax import scaled_dot_product
 from .mlp import Mlp
-from .model import DiTBlock, modulate
+from .model import DiTBlock, modulate, register_model_transform
 
 DYNAMIC_DEFAULTS: dict[str, Any] = {
     "target": 0.5,
@@ -235,13 +241,17 @@ def mlp_macs(num_tokens: int, dim: int, hidden: int) -> float:
 class DynamicDiTBlock(DiTBlock):
     """A `DiTBlock` (same keys: norm1, attn, norm2, mlp, adaLN_modulation) plus DyDiT routers.
 
-    Extra keys: `head_router` Linear(D, H-1), `channel_router` Linear(D, H-1), `token_router`
-    (Linear(D, D/16), ReLU, Linear(D/16, 1)), each present only when enabled in the config.
+    Built around an existing block (`DynamicDiTBlock(block, num_heads, options)`), whose modules it takes
+    over unchanged. Extra keys: `head_router` Linear(D, H-1), `channel_router` Linear(D, H-1),
+    `token_router` (Linear(D, D/16), ReLU, Linear(D/16, 1)), each present only when enabled in the config.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, attention: str,
-                 attention_options: dict[str, Any] | None, mlp_type: str, options: dict[str, Any]):
-        super().__init__(hidden_size, num_heads, mlp_ratio, attention, attention_options, mlp_type)
+    def __init__(self, block: DiTBlock, num_heads: int, options: dict[str, Any]):
+        nn.Module.__init__(self)
+        for key in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
+            setattr(self, key, getattr(block, key))
+        hidden_size = self.norm1.normalized_shape[0]
+        attention, mlp_type = self.attn.name, type(self.mlp).__name__
         self.dynamic_options = options
         self.num_groups = num_heads
         self.tau = float(options["tau"])
@@ -439,7 +449,7 @@ class DynamicDiTBlock(DiTBlock):
                 update = update * token_mask.unsqueeze(-1)
             x = x + update
 
-        self._remember(b, x.shape[1], head_mask, group_mask, token_mask)
+        self._remember(b, ctx.grid, head_mask, group_mask, token_mask)
         return x
 
     def _masked_mlp_fn(self, group_mask: torch.Tensor, grid: tuple[int, int],
@@ -469,21 +479,14 @@ class DynamicDiTBlock(DiTBlock):
         return x.reshape(b * n, d).index_add(0, idx, g * y).view(b, n, d)
 
     # ------------------------------------------------------------------ bookkeeping
-    def _remember(self, b: int, n: int, head_mask: torch.Tensor | None, group_mask: torch.Tensor | None,
-                  token_mask: torch.Tensor | None) -> None:
+    def _remember(self, b: int, grid: tuple[int, int], head_mask: torch.Tensor | None,
+                  group_mask: torch.Tensor | None, token_mask: torch.Tensor | None) -> None:
         """Keep this forward's masks (with their graph, for the FLOPs loss) and update running statistics."""
-        d = self.norm1.normalized_shape[0]
-        f_attn = attention_macs(n, d)
-        if self.attn.name != "softmax" and hasattr(self.attn, "flops"):
-            try:
-                f_attn = float(self.attn.flops(n))
-            except NotImplementedError:
-                pass
-        hidden = getattr(getattr(self.mlp, "fc1", None), "out_features", None)
-        if hidden is not None:
-            f_mlp = mlp_macs(n, d, hidden)
-        else:
-            f_mlp = float(self.mlp.flops(n))
+        key = tuple(grid)
+        if getattr(self, "_cost_grid", None) != key:  # the operators' own counts (F_attn, F_mlp of Sec. A.4)
+            costs = DiTBlock.flops(self, key)
+            self._cost_grid, self._costs = key, (costs["attention_flops"], costs["mlp_flops"])
+        f_attn, f_mlp = self._costs
         ones = torch.ones(b, device=self._device(), dtype=torch.float32)
         heads = head_mask.float().mean(1).expand(b) if head_mask is not None else ones
         groups = group_mask.float().mean(1).expand(b) if group_mask is not None else ones
@@ -506,14 +509,29 @@ class DynamicDiTBlock(DiTBlock):
 
 
 # ---------------------------------------------------------------------------------------------- model-level API
-def build_dynamic_blocks(hidden_size: int, num_heads: int, mlp_ratio: float, names: Sequence[str],
-                         options: dict[str, Any], mlp_type: str,
-                         dynamic: dict[str, Any] | bool) -> nn.ModuleList:
-    """DyDiT blocks for `DiT.__init__` (one per attention name), all sharing the validated `dynamic` options."""
+@register_model_transform("dynamic")
+def apply_dynamic(model: nn.Module, dynamic: dict[str, Any] | bool) -> nn.Module:
+    """Wrap every block of a built DiT in a `DynamicDiTBlock` (its own weights kept, routers fresh and all on)
+    and register the FLOPs loss with `model.auxiliary_losses`. In place; returns the model.
+
+    Runs automatically for a config with `dynamic` set (the registered transform of that key). Parallel
+    (restructured) blocks are not supported.
+    """
     opts = dynamic_options(dynamic)
-    return nn.ModuleList([
-        DynamicDiTBlock(hidden_size, num_heads, mlp_ratio, name, options, mlp_type, opts) for name in names
-    ])
+    if any(isinstance(b, DynamicDiTBlock) for b in model.blocks):
+        raise ValueError("the model's blocks are already dynamic")
+    if not all(type(b) is DiTBlock for b in model.blocks):
+        kinds = sorted({type(b).__name__ for b in model.blocks})
+        raise ValueError(f"DyDiT dynamic width needs plain sequential DiT blocks, not {', '.join(kinds)}; "
+                         "apply it to a model without parallel_branches")
+    param = next(model.parameters())
+    new = nn.ModuleList([DynamicDiTBlock(b, model.num_heads, opts) for b in model.blocks])
+    for block in new:
+        block.reset_router_parameters()
+    model.blocks = new.to(device=param.device, dtype=param.dtype) if param.device.type != "meta" else new
+    if dynamic_auxiliary_losses not in model.auxiliary_loss_fns:
+        model.auxiliary_loss_fns.append(dynamic_auxiliary_losses)
+    return model
 
 
 def dynamic_blocks(model: nn.Module) -> list[DynamicDiTBlock]:
@@ -649,6 +667,35 @@ def convert_to_dynamic(static_model: nn.Module, dynamic_cfg: dict[str, Any] | bo
     if param.dtype != next(model.parameters()).dtype:
         model.to(param.dtype)
     return model
+
+
+def stratify_timesteps(objective: Any, strata: int, batch_size: int, rank: int = 0, world: int = 1) -> Any:
+    """Timestep-stratified batches (DyDiT's `--t_sample`, Sec. A.4), stratified over the GLOBAL batch.
+
+    The timestep range is cut into `strata` equal parts; the sample at global-batch position g (rank r holds
+    positions r * batch_size ... r * batch_size + batch_size - 1) draws uniformly inside part g mod `strata`.
+    The official code stratifies per GPU batch, so a per-GPU batch that is not a multiple of 4 never sees the
+    noisiest quarter (reference notes A.4); here any global batch of >= `strata` samples covers every part.
+    Patches `objective.sample_timesteps` (DDPM) / `sample_sigmas` (flow) on the instance; returns it.
+    """
+    strata, world = int(strata), int(world)
+    if strata < 1:
+        raise ValueError(f"timestep strata must be >= 1, got {strata}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside a world of {world} processes")
+    offset = int(rank) * int(batch_size)
+
+    def fractions(n: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+        part = (torch.arange(offset, offset + n, device=device) % strata).float()
+        return (part + torch.rand(n, device=device, generator=generator)) / strata
+
+    if hasattr(objective, "sample_sigmas"):
+        objective.sample_sigmas = lambda n, device, generator=None: fractions(n, device, generator)
+    if hasattr(objective, "sample_timesteps"):
+        steps = int(objective.num_timesteps)
+        objective.sample_timesteps = lambda n, device, generator=None: \
+            (fractions(n, device, generator) * steps).long().clamp_(max=steps - 1)
+    return objective
 
 
 # ---------------------------------------------------------------------------------------------- benchmark helpers

@@ -374,16 +374,40 @@ def sample_digits(model: torch.nn.Module, meta: dict[str, Any] | None = None, nu
 def evaluate_digits(model: torch.nn.Module, meta: dict[str, Any] | None = None, num_per_class: int = 50,
                     scheduler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
                     seed: int = 0, batch_size: int = 100, device: str | torch.device | None = None,
-                    progress: bool = True) -> dict[str, Any]:
-    """Sample a digits model (studio defaults unless overridden) and return `evaluate_digit_images`' metrics."""
+                    progress: bool = True, data: str = "digits") -> dict[str, Any]:
+    """Sample a digits model (studio defaults unless overridden) and return `evaluate_digit_images`' metrics.
+
+    `data="digits-inverted"` (a model adapted to dark strokes on white): the report's `background` says
+    whether the samples' background is white, and the classifier judges the inverted-back images.
+    """
+    if data not in ("digits", "digits-inverted"):
+        raise EvalError(f"unknown digits data {data!r}; use digits or digits-inverted")
     t0 = time.perf_counter()
     images, labels, settings = sample_digits(model, meta, num_per_class, scheduler, steps, cfg_scale, seed,
                                              batch_size, device, progress)
     t1 = time.perf_counter()
-    results = {"mode": "digits", "sampling": settings}
+    results: dict[str, Any] = {"mode": data, "sampling": settings}
+    if data == "digits-inverted":
+        results["background"] = background_report(images)
+        images = -images  # inverted back: the classifier and references know light strokes on black
     results.update(evaluate_digit_images(images, labels))
     results["seconds"] = {"sampling": round(t1 - t0, 3), "metrics": round(time.perf_counter() - t1, 3)}
     return results
+
+
+def background_report(images: torch.Tensor, white: float = 0.75, corner: int = 4) -> dict[str, Any]:
+    """Brightness of each image's background, read in its four `corner` x `corner` corners (of 32 x 32, in
+    [0, 1]; 1 = white; digit strokes reach the borders but not the corners). digits-inverted samples should
+    have a white background: an image counts as white-background when its corner mean > `white` (real
+    digits-inverted test images: 100% at 0.75, mean 0.99)."""
+    x = (_prepare_digits(images)[:, 0] + 1) / 2
+    k = corner
+    corners = torch.cat([x[:, :k, :k], x[:, :k, -k:], x[:, -k:, :k], x[:, -k:, -k:]], dim=1).flatten(1).mean(dim=1)
+    fraction = float((corners > white).float().mean())
+    return {"corner_mean": float(corners.mean()), "white_fraction": fraction, "white_threshold": white,
+            "white": fraction >= 0.95,
+            "description": f"mean of the four {k}x{k} corners per image, 0 black .. 1 white; white if > {white} "
+                           "in at least 95% of images"}
 
 
 def check_thresholds(results: dict[str, Any], min_agreement: float = 0.95, max_near_copy_rate: float | None = None,
@@ -428,6 +452,10 @@ def format_digits_table(results: dict[str, Any]) -> str:
          f"{f(results['mean_nn_distance'])} ({f(results['real_mean_nn_distance_test_to_train'])})"),
         ("diversity generated / real", f"{f(results['diversity']['generated'])} / {f(results['diversity']['real'])}"),
     ]
+    if results.get("background"):
+        b = results["background"]
+        rows.insert(0, ("background (digits-inverted)", f"corner mean {f(b['corner_mean'])}, white in "
+                        f"{100 * b['white_fraction']:.1f}% of images -> {'white' if b['white'] else 'NOT white'}"))
     if s:
         rows.insert(0, ("sampling", f"{s['scheduler']}, {s['steps']} steps, cfg {s['cfg_scale']}, seed {s['seed']}"))
     width = max(len(k) for k, _ in rows)
@@ -588,7 +616,16 @@ def load_images(files: Sequence[Path], size: int) -> torch.Tensor:
 
 def folder_features(folder: str | Path, extractor: FeatureExtractor, batch_size: int = 64,
                     exclude: Sequence[str] = ("grid*",), progress: bool = True) -> np.ndarray:
-    """Features (N, D) of every image in `folder`, in batches."""
+    """Features (N, D) of every image in `folder` (or in an ADM-layout `.npz`, arr_0 uint8 NHWC), in batches."""
+    if str(folder).endswith(".npz"):
+        from .fid_sampling import npz_count, npz_image_batches
+
+        if not Path(folder).is_file():
+            raise EvalError(f"{folder} does not exist")
+        total = math.ceil(npz_count(folder) / batch_size)
+        return np.concatenate([extractor(b) for b in tqdm(npz_image_batches(folder, extractor.input_size, batch_size),
+                                                          total=total, desc=f"features {Path(folder).name}",
+                                                          disable=not progress)])
     files = list_images(folder, exclude)
     feats = []
     for i in tqdm(range(0, len(files), batch_size), desc=f"features {Path(folder).name}", disable=not progress):
@@ -676,8 +713,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--min-agreement", type=float, default=None,
                    help="if given, exit with status 1 when classifier_agreement is below it")
-    p.add_argument("--fake", default=None, help="folder of generated images (folder mode)")
-    p.add_argument("--real", default=None, help="folder of real images (folder mode)")
+    p.add_argument("--data", default="digits", choices=("digits", "digits-inverted"),
+                   help="digits-inverted: judge inverted-back samples and report whether the background is white")
+    p.add_argument("--adapter", action="append", default=None, metavar="FILE",
+                   help="apply this adapter file to the checkpoint while sampling (repeatable)")
+    p.add_argument("--adapter-scale", action="append", type=float, default=None, metavar="S",
+                   help="strength of each --adapter, in order (default 1.0)")
+    p.add_argument("--fake", default=None,
+                   help="folder of generated images, or a .npz from `sample.py --fid-npz` (folder mode)")
+    p.add_argument("--real", default=None, help="folder of real images, or a reference .npz (ADM layout: arr_0 "
+                                                "uint8 NHWC) (folder mode)")
     p.add_argument("--features", default="pixels", help=f"feature extractor: {', '.join(FEATURE_EXTRACTORS)}")
     p.add_argument("--inception-weights", default=None, help="local TorchScript Inception-v3 (never downloaded)")
     p.add_argument("--kid-subsets", type=int, default=100)
@@ -711,9 +756,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise EvalError(f"checkpoint {args.checkpoint} does not exist")
             model, meta = load_checkpoint(args.checkpoint, args.device)
             check_digits_model(model, meta)
-            results = evaluate_digits(model, meta, args.num_per_class, args.scheduler, args.steps, args.cfg_scale,
-                                      args.seed, args.batch_size, args.device, progress)
+            from .adapters import adapters_applied
+            from .cli.sample import adapter_list
+
+            with adapters_applied(model, adapter_list(args)) as applied:
+                results = evaluate_digits(model, meta, args.num_per_class, args.scheduler, args.steps,
+                                          args.cfg_scale, args.seed, args.batch_size, args.device, progress, args.data)
             results["checkpoint"] = str(args.checkpoint)
+            if applied:
+                results["adapters"] = applied
             table = format_digits_table(results)
     except (ValueError, FileNotFoundError) as exc:  # EvalError, CheckpointError, an unknown scheduler, ...
         print(f"error: {exc}", file=sys.stderr)

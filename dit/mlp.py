@@ -38,7 +38,8 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
-    def flops(self, num_tokens: int) -> float:
+    def flops(self, num_tokens: int, grid: tuple[int, int] | None = None) -> float:
+        """fc1 and fc2: 2 T D D_hidden multiply-adds."""
         return float(2 * num_tokens * self.fc1.in_features * self.fc1.out_features)
 
 
@@ -62,6 +63,7 @@ class MixFFN(nn.Module):
         y = self.conv_point(y * F.silu(gate))
         return y.flatten(2).transpose(1, 2)
 
-    def flops(self, num_tokens: int) -> float:
+    def flops(self, num_tokens: int, grid: tuple[int, int] | None = None) -> float:
+        """1x1 D -> 2h, depthwise 3x3 on 2h, 1x1 h -> D."""
         d, h2 = self.conv_inverted.in_channels, self.conv_inverted.out_channels
         return float(num_tokens * (d * h2 + 9 * h2 + h2 // 2 * d))

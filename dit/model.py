@@ -7,11 +7,13 @@ that `save_pretrained` / `from_pretrained` write and read safetensors checkpoint
 
 Beyond the original: any input size and channel count (the position table is recomputed for grids
 other than the trained one), attention operators chosen per block by name from `dit.attention`,
-an MLP choice from `dit.mlp`, and an optional DyDiT dynamic-width configuration (`dit.dynamic`).
+an MLP choice from `dit.mlp` (per block, with per-block ratios), parallel blocks (`parallel_branches`, the
+grafting paper's depth -> width restructuring) and model transforms named in the config (e.g. `dynamic`,
+DyDiT routers, registered by `dit.dynamic`), applied to the built model.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +25,18 @@ from .attention import BlockContext, build_attention
 from .attention.softmax import check_backend
 from .embeddings import LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
 from .mlp import build_mlp
+
+#: config key -> transform(model, value) applied at the end of `DiT.__init__` when the key is set
+#: (registered by the modules that own them, e.g. `dit.dynamic` registers "dynamic").
+MODEL_TRANSFORMS: dict[str, Callable[["DiT", Any], None]] = {}
+
+
+def register_model_transform(key: str) -> Callable[[Callable[["DiT", Any], None]], Callable[["DiT", Any], None]]:
+    """Register `fn(model, value)` to run on every DiT whose config sets `key` (a transform of the built model)."""
+    def wrap(fn: Callable[["DiT", Any], None]) -> Callable[["DiT", Any], None]:
+        MODEL_TRANSFORMS[key] = fn
+        return fn
+    return wrap
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -55,12 +69,64 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        mod = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = self.attention_branch(x, c, ctx, mod)
+        return x + self.mlp_update(x, c, ctx, mod)
+
+    def attention_branch(self, x: torch.Tensor, c: torch.Tensor, ctx: BlockContext,
+                         mod: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The residual stream after the attention half (operator hooks, gated attention): x -> x'."""
+        shift_msa, scale_msa, gate_msa = (mod or self.adaLN_modulation(c).chunk(6, dim=1))[:3]
         x = self.attn.pre_attention(x, c, ctx)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ctx.grid)
-        x = self.attn.post_attention(x, c, ctx)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), ctx.grid)
-        return x
+        return self.attn.post_attention(x, c, ctx)
+
+    def mlp_update(self, x: torch.Tensor, c: torch.Tensor, ctx: BlockContext,
+                   mod: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The MLP half's gated update, added to x by the block."""
+        shift_mlp, scale_mlp, gate_mlp = (mod or self.adaLN_modulation(c).chunk(6, dim=1))[3:]
+        return gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), ctx.grid)
+
+    @property
+    def attention_name(self) -> str:
+        return self.attn.name
+
+    def flops(self, grid: tuple[int, int]) -> dict[str, float]:
+        """Multiply-adds of this block for one sample, as its operators report them (DiT paper convention)."""
+        t = grid[0] * grid[1]
+        attn = self.attn.flops_breakdown(t, grid) if hasattr(self.attn, "flops_breakdown") else \
+            {"products": 0.0, "total": float(self.attn.flops(t))}
+        mlp = float(self.mlp.flops(t, grid))
+        adaln = float(self.adaLN_modulation[-1].in_features * self.adaLN_modulation[-1].out_features)
+        total = float(attn["total"]) + mlp + adaln
+        return {"attention_flops": float(attn["total"]), "attention_products": float(attn.get("products", 0.0)),
+                "mlp_flops": mlp, "adaln_flops": adaln, "total": total}
+
+
+class ParallelBlock(nn.Module):
+    """Branches that read the same input, their residual updates summed: x + sum_i (B_i(x) - x).
+
+    The grafting paper's depth -> width restructuring (Chandrasegaran et al. 2025, "convert every pair of
+    sequential transformer blocks into parallel blocks"); each branch is a full adaLN-Zero `DiTBlock`.
+    """
+
+    def __init__(self, branches: Sequence[DiTBlock]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        out = x
+        for branch in self.branches:
+            out = out + (branch(x, c, ctx) - x)
+        return out
+
+    @property
+    def attention_name(self) -> str:
+        return self.branches[0].attention_name
+
+    def flops(self, grid: tuple[int, int]) -> dict[str, float]:
+        parts = [b.flops(grid) for b in self.branches]
+        return {k: float(sum(p[k] for p in parts)) for k in parts[0]}
 
 
 class FinalLayer(nn.Module):
@@ -75,6 +141,20 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def per_block(value: Any, depth: int, what: str, cast: Callable[[Any], Any] = str) -> list[Any]:
+    """One value per block from a single value, a list, or a comma-separated string."""
+    if isinstance(value, str):
+        values = [v.strip() for v in value.split(",")] if "," in value else [value] * depth
+    elif isinstance(value, (list, tuple)):
+        values = list(value)
+    else:
+        values = [value] * depth
+    if len(values) != depth:
+        raise ValueError(f"{what} layout has {len(values)} entries but the model has {depth} blocks; "
+                         "give one value, or exactly one per block")
+    return [cast(v) for v in values]
 
 
 def block_attention_list(attention: str | Sequence[str], depth: int) -> list[str]:
@@ -113,6 +193,7 @@ class DiT(ModelMixin, ConfigMixin):
         attention_options: dict[str, Any] | None = None,
         mlp_type: str = "mlp",
         dynamic: dict[str, Any] | None = None,
+        parallel_branches: int = 1,
     ):
         super().__init__()
         check_backend(attention_backend)
@@ -134,16 +215,25 @@ class DiT(ModelMixin, ConfigMixin):
         options = dict(attention_options or {})
         options.setdefault("backend", attention_backend)
         names = block_attention_list(attention, depth)
-        if dynamic:
-            from .dynamic import build_dynamic_blocks  # DyDiT routers around the same operators
+        mlps = per_block(mlp_type, depth, "mlp_type")
+        ratios = per_block(mlp_ratio, depth, "mlp_ratio", float)
+        if int(parallel_branches) < 1:
+            raise ValueError(f"parallel_branches must be >= 1, got {parallel_branches!r}")
 
-            self.blocks = build_dynamic_blocks(hidden_size, num_heads, mlp_ratio, names, options, mlp_type, dynamic)
+        def block(i: int) -> DiTBlock:
+            return DiTBlock(hidden_size, num_heads, ratios[i], names[i], options, mlps[i])
+
+        if int(parallel_branches) == 1:
+            self.blocks = nn.ModuleList([block(i) for i in range(depth)])
         else:
-            self.blocks = nn.ModuleList([
-                DiTBlock(hidden_size, num_heads, mlp_ratio, name, options, mlp_type) for name in names
-            ])
+            self.blocks = nn.ModuleList([ParallelBlock([block(i) for _ in range(int(parallel_branches))])
+                                         for i in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+        self.auxiliary_loss_fns: list[Callable[["DiT", int], dict[str, torch.Tensor]]] = []
+        for key, transform in MODEL_TRANSFORMS.items():
+            if self.config.get(key):
+                transform(self, self.config[key])
 
     # ------------------------------------------------------------------ initialisation
     def initialize_weights(self) -> None:
@@ -165,7 +255,7 @@ class DiT(ModelMixin, ConfigMixin):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
+        for block in (m for m in self.blocks.modules() if isinstance(m, DiTBlock)):
             nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
             nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
             if hasattr(block.attn, "reset_extra_parameters"):
@@ -181,7 +271,7 @@ class DiT(ModelMixin, ConfigMixin):
     @property
     def block_attention(self) -> list[str]:
         """The attention operator name of each block."""
-        return [block.attn.name for block in self.blocks]
+        return [block.attention_name for block in self.blocks]
 
     def set_attention_backend(self, backend: str) -> None:
         """Switch every operator's attention kernel backend (sdpa | xformers | math | auto)."""
@@ -258,22 +348,29 @@ class DiT(ModelMixin, ConfigMixin):
         return torch.cat([eps, rest], dim=1)
 
     def auxiliary_losses(self, step: int) -> dict[str, torch.Tensor]:
-        """Extra training losses of the last forward (DyDiT's FLOPs loss); added to the diffusion loss by train.py."""
-        if self.config.dynamic:
-            from .dynamic import dynamic_auxiliary_losses
-
-            return dynamic_auxiliary_losses(self, step)
-        return {}
+        """Extra training losses of the last forward (e.g. DyDiT's FLOPs loss, registered by its transform);
+        added to the diffusion loss by train.py."""
+        losses: dict[str, torch.Tensor] = {}
+        for fn in self.auxiliary_loss_fns:
+            losses.update(fn(self, step))
+        return losses
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "DiT":
-        """diffusers' loader, preceded by a key/shape check that names every mismatch."""
-        from .checkpoint import check_checkpoint_folder
+        """diffusers' loader, preceded by a key/shape check that names every mismatch.
 
+        A folder written by `python -m dit.quant` (it holds `quant_config.json`) loads as a quantized model."""
+        from .checkpoint import check_checkpoint_folder
+        from .quant.storage import is_quantized_folder, load_quantized
+
+        if is_quantized_folder(pretrained_model_name_or_path):
+            return load_quantized(pretrained_model_name_or_path, cls, **kwargs)
         check_checkpoint_folder(pretrained_model_name_or_path, cls)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
 def count_params(model: nn.Module) -> int:
-    return int(sum(np.prod(p.shape) for p in model.parameters()))
+    """Parameters; a quantized layer's packed weight (`dit.quant.QuantLinear`) counts its in x out entries."""
+    packed = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "qweight"))
+    return int(sum(np.prod(p.shape) for p in model.parameters()) + packed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from .schedulers import sample
+from .schedulers import GenerationCancelled, sample  # noqa: F401  (re-exported for callers of generate)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -153,8 +154,28 @@ def generate(model: torch.nn.Module, labels: Sequence[int], seeds: Sequence[int]
              class_names: Sequence[str] | None = None, batch_size: int = 16, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, vae: Any = None, latent_scale: float | None = None,
              image_size: int | None = None, cfg_channels: int | None = None,
-             callback: Callable[[int, int], None] | None = None, progress: bool = True) -> Generated:
-    """Sample one image per (label, seed) in batches; image i depends only on its own seed and label."""
+             callback: Callable[[int, int], None] | None = None, progress: bool = True,
+             preview: Callable[[int, int, list[Image.Image]], None] | None = None, preview_every: int = 5,
+             cancel: threading.Event | None = None, adapters: Sequence[Any] | None = None,
+             check_adapter_base: bool = True) -> Generated:
+    """Sample one image per (label, seed) in batches; image i depends only on its own seed and label.
+
+    `callback(done, total)` counts sampler steps over all batches. `preview(done, total, images)` receives
+    the predicted x0 of the current batch as PIL images every `preview_every` steps (decoded by the VAE
+    for latent models). Setting `cancel` (a `threading.Event`) stops at the next step with
+    `dit.schedulers.GenerationCancelled`.
+    `adapters`: [(adapter file or `dit.adapters.AdapterFile`, strength), ...] applied for this call only (the
+    model is exactly the base again afterwards); each image's `extras["adapters"]` records file, hash and scale.
+    """
+    if adapters:
+        kwargs = {k: v for k, v in locals().items() if k not in ("model", "labels", "seeds", "adapters")}
+        from .adapters import adapters_applied
+
+        with adapters_applied(model, adapters, check_base=check_adapter_base) as applied:
+            out = generate(model, labels, seeds, **kwargs)
+        for p in out.params:
+            p.extras["adapters"] = applied
+        return out
     labels, seeds = [int(x) for x in labels], [int(s) for s in seeds]
     if len(labels) != len(seeds):
         raise ValueError(f"got {len(labels)} labels for {len(seeds)} seeds")
@@ -181,13 +202,18 @@ def generate(model: torch.nn.Module, labels: Sequence[int], seeds: Sequence[int]
         if callback is not None:
             callback(done[0], total_steps)
 
+    def on_x0(i: int, n: int, x0: torch.Tensor) -> None:
+        if preview is not None:
+            preview(done[0], total_steps, to_pil_images(decode_latents(vae, x0, latent_scale) if vae is not None else x0))
+
     images: list[Image.Image] = []
     for start in range(0, len(labels), batch_size):
         y = torch.tensor(labels[start:start + batch_size])
         x = sample(model, y, seeds[start:start + batch_size], shape, scheduler, steps, cfg_scale, objective,
                    learn_sigma, num_classes, cfg_channels, device, dtype, clip_denoised=vae is None,
                    callback=on_step, progress=progress,
-                   desc=f"sampling {start + 1}-{start + len(y)}/{len(labels)}")
+                   desc=f"sampling {start + 1}-{start + len(y)}/{len(labels)}",
+                   x0_callback=on_x0 if preview is not None else None, x0_every=preview_every, cancel=cancel)
         if vae is not None:
             x = decode_latents(vae, x, latent_scale)
         images += to_pil_images(x)

@@ -182,8 +182,8 @@ def test_proxy_block_batch_ordering_and_mask_cache() -> None:
         out = block(x, c, BlockContext(grid=grid))
         alone = torch.cat([block(x[i:i + 1], c[i:i + 1], BlockContext(grid=grid)) for i in range(2)])
         torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-5)
-    keys = {k[1] for k in block.attn._mask_cache if k[0] == "mask"}
-    assert keys == {(4, 4), (6, 8)}  # one mask per grid, not one for all inputs
+    keys = {k[1] for k in block.attn._mask_cache if k[0] == "order"}
+    assert keys == {(4, 4), (6, 8)}  # one (shifted-)window layout per grid, not one for all inputs
 
 
 def test_proxy_zero_init_branches_are_identity_and_train() -> None:

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dit.attention import BlockContext, build_attention
+from dit.attention.proxy import window_layout
 from dit.flops import attention_flops, model_flops
 from dit.model import DiT
 
@@ -62,10 +63,15 @@ def test_proxy_attention_relative_cost(side: int, percent: float) -> None:
     win = side // 8
     p = win * win
     parts = attention_flops("proxy", d, 6, n, breakdown=True)
-    assert parts["products"] == pytest.approx(2 * (1 / p ** 2 + 1 / p + 2 * p / n) * n * n * d, rel=1e-12)
+    paper = 2 * (1 / p ** 2 + 1 / p + 2 * p / n) * n * n * d     # Swin-style masked SWSA: 2 T p D
+    # the mask-free SWSA attends inside each shifted region only (window_layout): a little less than the paper
+    _, groups = window_layout((side, side), (win, win), shifted=True)
+    swsa = 2 * d * sum(count * size * size for count, size in groups)
+    assert swsa < 2 * n * p * d
+    assert parts["products"] == pytest.approx(paper - 2 * n * p * d + swsa, rel=1e-12)
     full = attention_flops("softmax", d, 6, n, breakdown=True)["products"]
     assert full == 2 * n * n * d
-    assert abs(100 * parts["products"] / full - percent) < 0.1  # the paper truncates 34.375 to 34.3
+    assert 0 < percent - 100 * parts["products"] / full < 0.3  # the paper's figure (truncated 34.375) is the bound
 
 
 def test_proxy_flops_match_counter() -> None:

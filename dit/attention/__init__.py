@@ -35,6 +35,7 @@ def build_attention(name: str, dim: int, num_heads: int, **options: Any) -> Atte
 # Importing the modules registers the operators.
 from . import softmax  # noqa: E402,F401
 from . import linear, proxy  # noqa: E402,F401
+from . import gated_conv, window  # noqa: E402,F401
 
 __all__ = ["AttentionOp", "BlockContext", "ATTENTION_REGISTRY", "register_attention",
            "attention_names", "build_attention"]

@@ -10,6 +10,7 @@ residual stream itself and the conditioning vector `c` (N, D). Both default to i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,36 @@ class AttentionOp(nn.Module):
     def post_attention(self, x: torch.Tensor, c: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         return x
 
-    def flops(self, num_tokens: int) -> float:
+    def flops_breakdown(self, num_tokens: int, grid: tuple[int, int] | None = None) -> dict[str, float]:
+        """This operator's multiply-adds for one sample (DiT paper convention), as
+        {"projections", "products", "other", "conditioning", "total"}: "products" are the token-mixing
+        matmuls (QK^T, AV and their equivalents), "conditioning" per-sample Linears on c.
+
+        Every operator owns its cost: override this (or `flops`); `dit.flops` only sums what operators report.
+        """
+        if type(self).flops is AttentionOp.flops:
+            raise NotImplementedError(f"attention operator {type(self).__name__} reports no cost: "
+                                      "implement flops_breakdown(num_tokens, grid)")
+        total = float(self.flops(num_tokens))
+        return {"projections": 0.0, "products": 0.0, "other": total, "conditioning": 0.0, "total": total}
+
+    def flops(self, num_tokens: int, grid: tuple[int, int] | None = None) -> float:
         """Multiply-adds of one forward for one sample, attention products included (the DiT paper's Gflops)."""
-        raise NotImplementedError
+        return float(self.flops_breakdown(num_tokens, grid)["total"])
+
+
+def square_grid(tokens: int) -> tuple[int, int]:
+    """(side, side) for a square token count (the default grid of operators' cost formulas)."""
+    side = math.isqrt(int(tokens))
+    if side * side != tokens:
+        raise ValueError(f"{tokens} tokens is not a square grid; pass grid=(H, W)")
+    return side, side
+
+
+def breakdown(projections: float = 0.0, products: float = 0.0, other: float = 0.0,
+              conditioning: float = 0.0) -> dict[str, float]:
+    """A cost breakdown dict with its total."""
+    parts = {"projections": float(projections), "products": float(products), "other": float(other),
+             "conditioning": float(conditioning)}
+    parts["total"] = sum(parts.values())
+    return parts

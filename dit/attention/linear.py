@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_attention
-from .base import AttentionOp
+from .base import AttentionOp, breakdown
 
 
 def linear_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -46,6 +46,27 @@ def linear_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     kv = k.transpose(-2, -1) @ torch.cat([v, ones], dim=-1)  # (N, heads, d, d + 1): [phi(K)^T V | sum phi(K)^T]
     out = q @ kv                                                 # (N, heads, T, d + 1)
     return out[..., :-1] / (out[..., -1:] + eps)
+
+
+def linear_attention_kernel_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The same kernel for bf16 tensors (the CUDA path): the two products are bf16 tensor-core matmuls
+    (fp32 accumulation inside), the normaliser phi(Q) sum_j phi(K_j)^T is summed and applied in fp32.
+
+    bf16 has fp32's exponent range, so phi(K)^T V cannot overflow as in fp16 (which keeps the fp32 kernel);
+    its 8-bit mantissa costs ~0.4% relative error per product, the normaliser stays exact to fp32.
+    Returns (N, heads, T, d) in bf16.
+    """
+    q, k = F.relu(q), F.relu(k)
+    kv = k.transpose(-2, -1) @ v                                    # (N, heads, d, d), bf16, fp32-accumulated
+    k_sum = k.sum(dim=-2, dtype=torch.float32).unsqueeze(-1)        # (N, heads, d, 1), fp32
+    num = q @ kv                                                    # (N, heads, T, d)
+    den = torch.matmul(q.float(), k_sum) + eps                      # (N, heads, T, 1), fp32
+    return (num.float() / den).to(q.dtype)
+
+
+def use_bf16_kernel(x: torch.Tensor) -> bool:
+    """bf16 CUDA tensors take `linear_attention_kernel_bf16`; everything else (CPU, fp16, fp32) the fp32 kernel."""
+    return x.is_cuda and x.dtype == torch.bfloat16
 
 
 @register_attention("linear")
@@ -80,6 +101,8 @@ class LinearAttention(AttentionOp):
         if gh * gw != t:
             raise ValueError(f"linear attention: grid {gh}x{gw} does not hold {t} tokens")
         qkv = self.qkv(h)
+        if use_bf16_kernel(qkv):
+            return self.proj(self._forward_bf16(qkv, n, t, d, gh, gw))
         with torch.autocast(device_type=h.device.type, enabled=False):
             qkv = qkv.float().reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv[0], qkv[1], qkv[2]                    # (N, heads, T, d_h)
@@ -91,11 +114,21 @@ class LinearAttention(AttentionOp):
             out = out + conv.flatten(2).transpose(1, 2)
         return self.proj(out.to(h.dtype))
 
-    def flops(self, num_tokens: int) -> float:
-        from ..flops import attention_flops
+    def _forward_bf16(self, qkv: torch.Tensor, n: int, t: int, d: int, gh: int, gw: int) -> torch.Tensor:
+        """bf16 on CUDA: tensor-core products with the fp32 normaliser, the depthwise conv in bf16."""
+        qkv = qkv.reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]                        # (N, heads, T, d_h)
+        out = linear_attention_kernel_bf16(q, k, v, self.eps).transpose(1, 2).reshape(n, t, d)
+        v_img = v.transpose(1, 2).reshape(n, gh, gw, d).permute(0, 3, 1, 2)
+        bias = None if self.dwc.bias is None else self.dwc.bias.to(v.dtype)
+        conv = F.conv2d(v_img, self.dwc.weight.to(v.dtype), bias, padding=self.dwc.padding, groups=d)
+        return out + conv.flatten(2).transpose(1, 2)
 
-        return attention_flops("linear", self.proj.in_features, self.num_heads, num_tokens,
-                               linear_heads=self.num_heads, dwc_kernel=self.dwc.kernel_size[0])
+    def flops_breakdown(self, num_tokens: int, grid: tuple[int, int] | None = None) -> dict[str, float]:
+        """qkv, proj 4 T D^2; phi(K)^T [V|1] and phi(Q)(...) 2 T D (d_h + 1) (the +1 is the normaliser, same
+        matmul); depthwise k x k conv k^2 T D."""
+        t, d, k = num_tokens, self.proj.in_features, self.dwc.kernel_size[0]
+        return breakdown(projections=4 * t * d * d, products=2 * t * d * (self.head_dim + 1), other=k * k * t * d)
 
 
 def inherit_from_softmax(student: nn.Module, teacher_state_dict: Mapping[str, torch.Tensor],

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_attention
-from .base import AttentionOp, BlockContext
+from .base import AttentionOp, BlockContext, breakdown, square_grid
 from .softmax import check_backend, scaled_dot_product
 
 WINDOWS_PER_SIDE = 8  # PT-DiT keeps 8x8 = 64 proxies at every resolution
@@ -133,6 +133,38 @@ def shift_region_mask(grid: tuple[int, int], win: tuple[int, int]) -> torch.Tens
     return mask.masked_fill(win_ids[:, :, None] != win_ids[:, None, :], float("-inf"))
 
 
+def _blocks(side: int, win: int, shift: int) -> list[tuple[int, int]]:
+    """[start, end) spans of one grid side: windows of `win`, offset by `shift` (edges clipped, no wrap)."""
+    if shift == 0:
+        return [(i, i + win) for i in range(0, side, win)]
+    return [(0, shift)] + [(i, i + win) for i in range(shift, side - win + shift, win)] + [(side - win + shift, side)]
+
+
+def window_layout(grid: tuple[int, int], win: tuple[int, int], shifted: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Token order and (window count, window size) groups for mask-free (shifted-)window attention.
+
+    Unshifted: the windows in row-major order, one group. Shifted (Swin's roll by -window//2 + region mask):
+    attention inside each region of a rolled window is attention inside the rectangles of the ORIGINAL grid
+    cut at offsets (window//2 + k * window) per side, edges clipped, never wrapping; those rectangles have
+    at most 3 x 3 different sizes (1 x 1 ... 2 x 2 for even windows). Tokens are ordered group by group,
+    rectangle by rectangle, so that each group is one (N * count, size) batch for SDPA's flash /
+    memory-efficient kernels: no masks, and no masked-out products computed.
+    """
+    gh, gw = grid
+    wh, ww = win
+    sh, sw = (wh // 2, ww // 2) if shifted else (0, 0)
+    rects: dict[tuple[int, int], list[torch.Tensor]] = {}
+    index = torch.arange(gh * gw).reshape(gh, gw)
+    for r0, r1 in _blocks(gh, wh, sh):
+        for c0, c1 in _blocks(gw, ww, sw):
+            rects.setdefault((r1 - r0, c1 - c0), []).append(index[r0:r1, c0:c1].reshape(-1))
+    order, groups = [], []
+    for (rh, cw), members in sorted(rects.items(), reverse=True):
+        order += members
+        groups.append((len(members), rh * cw))
+    return torch.cat(order), groups
+
+
 @register_attention("proxy")
 class ProxyTokenAttention(AttentionOp):
     """PT-DiT proxy-token attention: GIIM (proxy SA + cross-attention) + WSA + SWSA, see the module doc.
@@ -198,18 +230,13 @@ class ProxyTokenAttention(AttentionOp):
         return x.transpose(1, 2).reshape(b, length, self.dim)
 
     def window_order(self, grid: tuple[int, int], win: tuple[int, int], shifted: bool,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token permutation to window-major order (after Swin's roll by -window//2 when `shifted`) and its
-        inverse, cached per (grid, window, shifted, device): one gather replaces roll + partition."""
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Token permutation to window-group order (`window_layout`), its inverse and the groups, cached per
+        (grid, window, shifted, device): one gather replaces roll + partition."""
         key = ("order", tuple(grid), tuple(win), shifted, str(device))
         if key not in self._mask_cache:
-            gh, gw = grid
-            sh, sw = (win[0] // 2, win[1] // 2) if shifted else (0, 0)
-            rows = (torch.arange(gh) + sh) % gh            # rolled row i holds original row (i + sh) mod H
-            cols = (torch.arange(gw) + sw) % gw
-            index = (rows[:, None] * gw + cols[None, :]).reshape(1, gh * gw, 1)
-            order = window_partition(index, grid, win).reshape(-1)
-            self._mask_cache[key] = (order.to(device), torch.argsort(order).to(device))
+            order, groups = window_layout(tuple(grid), tuple(win), shifted)
+            self._mask_cache[key] = (order.to(device), torch.argsort(order).to(device), groups)
         return self._mask_cache[key]
 
     def _window_attention(self, h: torch.Tensor, qkv_layer: nn.Linear, out_layer: nn.Linear,
@@ -220,15 +247,16 @@ class ProxyTokenAttention(AttentionOp):
         order once (D channels, before the qkv projection, which is per token) and scattered back once.
         """
         n, t, d = h.shape
-        order, inverse = self.window_order(grid, win, shifted, h.device)
-        p = win[0] * win[1]
-        qkv = qkv_layer(h.index_select(1, order)).reshape(n * (t // p), p, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)            # (N * windows, heads, p, d_h) views
-        mask = self.shift_mask(grid, win, h.device, q.dtype) if shifted else None
-        if mask is not None:
-            mask = mask.unsqueeze(1).repeat(n, 1, 1, 1)           # (N * windows, 1, p, p), batch-major
-        out = scaled_dot_product(q, k, v, self.backend, mask)     # (N * windows, heads, p, d_h)
-        out = out_layer(out.transpose(1, 2).reshape(n, t, d))     # window-major tokens
+        order, inverse, groups = self.window_order(grid, win, shifted, h.device)
+        qkv = qkv_layer(h.index_select(1, order))                 # (N, T, 3D), window-group order
+        outs, start = [], 0
+        for count, size in groups:  # one group unshifted; shifted: full, edge and corner windows, no masks
+            part = qkv[:, start:start + count * size].reshape(n * count, size, 3, self.num_heads, self.head_dim)
+            q, k, v = part.permute(2, 0, 3, 1, 4).unbind(0)        # (N * count, heads, size, d_h) views
+            out = scaled_dot_product(q, k, v, self.backend)        # (N * count, heads, size, d_h)
+            outs.append(out.transpose(1, 2).reshape(n, count * size, d))
+            start += count * size
+        out = out_layer(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
         return out.index_select(1, inverse)
 
     def shift_mask(self, grid: tuple[int, int], win: tuple[int, int], device: torch.device,
@@ -283,7 +311,25 @@ class ProxyTokenAttention(AttentionOp):
         out = self._window_attention(h, self.shift_qkv, self.shift_proj, grid, win, shifted=True)
         return x + gate.unsqueeze(1) * out
 
-    def flops(self, num_tokens: int) -> float:
-        from ..flops import attention_flops
-
-        return attention_flops("proxy", self.dim, self.num_heads, num_tokens, window=self.window, shift=self.shift)
+    def flops_breakdown(self, num_tokens: int, grid: tuple[int, int] | None = None) -> dict[str, float]:
+        """Window area p, M = T / p proxies (PT-DiT Eq. 3-4): projections 4 M D^2 (proxy SA) + T D^2 + 2 M D^2
+        + T D^2 (cross-attention q, kv, zero out) + 4 T D^2 (WSA) [+ 4 T D^2 (SWSA)]; products 2 M^2 D
+        + 2 T M D + 2 T p D [+ SWSA] = 2 (1/p^2 + 1/p + 2p/T) T^2 D with Swin's masked SWSA (2 T p D); the
+        mask-free SWSA here attends inside each shifted region only, 2 D sum(region sizes^2) <= 2 T p D
+        (`window_layout`); SWSA modulation 3 D^2 (conditioning)."""
+        t, d = int(num_tokens), self.dim
+        grid = tuple(grid) if grid is not None else square_grid(t)
+        if grid[0] * grid[1] != t:
+            raise ValueError(f"grid {grid} does not hold {t} tokens")
+        wh, ww = self.window_for(grid)
+        p = wh * ww
+        m = t // p
+        proj = 4 * m * d * d + t * d * d + 2 * m * d * d + t * d * d + 4 * t * d * d
+        prod = 2 * m * m * d + 2 * t * m * d + 2 * t * p * d
+        cond = 0
+        if self.shift:
+            proj += 4 * t * d * d
+            _, groups = window_layout(grid, (wh, ww), shifted=True)
+            prod += 2 * d * sum(count * size * size for count, size in groups)
+            cond = 3 * d * d
+        return breakdown(projections=proj, products=prod, conditioning=cond)

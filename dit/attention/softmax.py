@@ -7,20 +7,75 @@ SDPA otherwise). Asking for xformers where it cannot run is an error, never a si
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import io
+import logging
+import re
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import register_attention
-from .base import AttentionOp
+from .base import AttentionOp, breakdown
 
 BACKENDS = ("auto", "sdpa", "xformers", "math")
 
 
+XFORMERS_FIX = ("Fix: install the xformers wheel built for this torch (`pip install -U xformers --index-url "
+                 "https://download.pytorch.org/whl/cuXXX` with your CUDA version, or pin torch to the version the "
+                 "xformers release names), or use --attention-backend sdpa")
+
+
 def xformers_available() -> bool:
-    return importlib.util.find_spec("xformers") is not None
+    """xformers is installed and its kernels load (on CUDA: run) here (checked once per process)."""
+    return xformers_problem() is None
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[0][:160] if lines else ""
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_problem() -> str | None:
+    """None when xformers imports and (on a CUDA machine) runs a tiny attention; else ONE line saying why.
+
+    A wheel built for another torch/CUDA prints pages of warnings at import and fails at the first call
+    ("xFormers wasn't built with CUDA support"); both are captured here and summarised."""
+    if importlib.util.find_spec("xformers") is None:
+        return "xformers is not installed (`pip install -e .[xformers]` on a CUDA machine)"
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    xlog = logging.getLogger("xformers")
+    xlog.addHandler(handler)
+    propagate, xlog.propagate = xlog.propagate, False
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(log), \
+                contextlib.redirect_stdout(log):
+            warnings.simplefilter("always")
+            try:
+                import xformers
+                import xformers.ops as xops
+            except Exception as err:  # noqa: BLE001 - summarised in one line
+                return f"xformers cannot be imported ({type(err).__name__}: {_first_line(err)})"
+            built = re.search(r"built for:?\s*(.*?)(?:\(you have|$)", log.getvalue() + " ".join(
+                str(w.message) for w in caught), flags=re.S)
+            built_for = f", built for {' '.join(built.group(1).split())[:80]}" if built else ""
+            if torch.cuda.is_available():
+                try:
+                    q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)
+                    xops.memory_efficient_attention(q, q, q)
+                except Exception as err:  # noqa: BLE001
+                    return (f"xformers {getattr(xformers, '__version__', '?')}{built_for} cannot run with torch "
+                            f"{torch.__version__} ({type(err).__name__}: {_first_line(err)})")
+    finally:
+        xlog.removeHandler(handler)
+        xlog.propagate = propagate
+    return None
 
 
 def check_backend(backend: str) -> None:
@@ -28,9 +83,12 @@ def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"Unknown attention backend {backend!r}. Valid backends: {', '.join(BACKENDS)}")
     if backend == "xformers":
-        if not xformers_available():
+        if importlib.util.find_spec("xformers") is None:
             raise ValueError("attention backend 'xformers' requested but xformers is not installed: "
                              "`pip install -e .[xformers]` on a CUDA machine, or use --attention-backend sdpa")
+        problem = xformers_problem()
+        if problem is not None:
+            raise ValueError(f"attention backend 'xformers' unavailable: {problem}. {XFORMERS_FIX}")
         if not torch.cuda.is_available():
             raise ValueError("attention backend 'xformers' needs a CUDA GPU (its kernels are GPU-only); "
                              "use --attention-backend sdpa on this machine")
@@ -93,8 +151,7 @@ class SoftmaxAttention(AttentionOp):
         out = scaled_dot_product(q, k, v, self.backend)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
-    def flops(self, num_tokens: int) -> float:
-        d = self.proj.in_features
-        projections = 4 * num_tokens * d * d
-        products = 2 * num_tokens * num_tokens * d  # QK^T and AV, one multiply-add each (the DiT paper's count)
-        return float(projections + products)
+    def flops_breakdown(self, num_tokens: int, grid: tuple[int, int] | None = None) -> dict[str, float]:
+        """qkv and proj 4 T D^2; QK^T and AV T^2 D each, one multiply-add per product (the DiT paper's count)."""
+        t, d = num_tokens, self.proj.in_features
+        return breakdown(projections=4 * t * d * d, products=2 * t * t * d)

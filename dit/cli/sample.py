@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from ..pipeline import generate, load_vae, read_png_parameters, resolve_device, resolve_dtype
+from ..compile import add_compile_argument
+from ..fid_sampling import add_fid_arguments
 from ..schedulers import SAMPLERS
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "dit-digits"
@@ -43,7 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     a("--image-size", type=int, default=None, help="sample size (default: the trained size)")
     a("--params-from", default=None, help="reproduce the image whose PNG metadata is given")
     a("--no-grid", action="store_true")
+    a("--adapter", action="append", default=None, metavar="FILE",
+      help="adapter file from `train.py --adapter` (repeatable: several are applied together)")
+    a("--adapter-scale", action="append", type=float, default=None, metavar="S",
+      help="strength of each --adapter, in order (default 1.0; LoRA: multiplies alpha/r)")
+    a("--adapter-ignore-base-hash", action="store_true",
+      help="apply adapters even when the base weights differ from the ones they were trained on")
+    add_compile_argument(p)
+    a("--tf32", action=argparse.BooleanOptionalAction, default=True,
+      help="TF32 tensor cores for fp32 matmuls on CUDA (as the original DiT sample.py)")
+    add_fid_arguments(p)
     return p
+
+
+def adapter_list(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """[(file, scale), ...] from the repeatable --adapter / --adapter-scale."""
+    files, scales = args.adapter or [], args.adapter_scale or []
+    if len(scales) > len(files):
+        raise ValueError(f"{len(scales)} --adapter-scale values for {len(files)} --adapter file(s)")
+    return [(f, scales[i] if i < len(scales) else 1.0) for i, f in enumerate(files)]
 
 
 def load_checkpoint(path: str, model_name: str | None, device: torch.device, dtype: torch.dtype):
@@ -68,12 +88,25 @@ def run(args: argparse.Namespace) -> list[Path]:
         args.steps, args.cfg_scale, args.scheduler = params["steps"], params["cfg_scale"], params["scheduler"]
         args.cfg_channels, args.dtype = params.get("cfg_channels"), params.get("dtype", "fp32")
         args.per_label, args.num_images = 1, None
+    if args.num_fid_samples is not None:
+        from ..fid_sampling import run_fid_sampling
+
+        return [run_fid_sampling(args)]
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cuda" and args.tf32:
+        from ..perf import enable_tf32
+
+        enable_tf32()
     t0 = time.time()
     model, meta = load_checkpoint(args.checkpoint, args.model, device, dtype)
     if args.attention_backend:
         model.set_attention_backend(args.attention_backend)
+    if args.compile:
+        from ..compile import compile_model
+
+        compile_model(model, args.compile)
+    t_load = time.time() - t0
     num_classes = model.config.num_classes
     scheduler = args.scheduler or meta["default_scheduler"]
     steps = args.steps or meta["default_steps"]
@@ -98,11 +131,19 @@ def run(args: argparse.Namespace) -> list[Path]:
     if vae is None and model.config.in_channels not in (1, 3):
         raise ValueError(f"this model works in a {model.config.in_channels}-channel latent space: pass --vae FOLDER "
                          "(a local diffusers AutoencoderKL, e.g. sd-vae-ft-ema)")
+    t_warm = 0.0
+    if args.compile or device.type == "cuda":  # compile / kernel set-up outside the sampling time
+        from ..compile import warm_up
+
+        t_warm = warm_up(model.eval(), min(args.batch_size, len(labels)), args.image_size, cfg_scale != 1.0)
+    t1 = time.time()
     out = generate(model, labels, seeds, scheduler=scheduler, steps=steps, cfg_scale=cfg_scale,
                    objective=meta["objective"], model_name=meta.get("name") or Path(args.checkpoint).name,
                    class_names=meta.get("class_names"), batch_size=args.batch_size, device=device, dtype=dtype,
                    vae=vae, latent_scale=meta.get("latent_scale"), image_size=args.image_size,
-                   cfg_channels=args.cfg_channels)
+                   cfg_channels=args.cfg_channels, adapters=adapter_list(args),
+                   check_adapter_base=not args.adapter_ignore_base_hash)
+    t_sample = time.time() - t1
     if args.per_label > 1 and args.num_images is None:
         ncols = args.per_label          # one row per label
     else:
@@ -110,5 +151,6 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     paths = out.save(args.output, grid=not args.no_grid, grid_cols=ncols)
     print(f"wrote {len(paths)} image(s){'' if args.no_grid else ' and grid.png'} to {args.output} "
-          f"({scheduler}, {steps} steps, cfg {cfg_scale}) in {time.time() - t0:.1f}s")
+          f"({scheduler}, {steps} steps, cfg {cfg_scale}) in {time.time() - t0:.1f}s: load {t_load:.1f}s, "
+          f"warm-up {t_warm:.1f}s, sampling {t_sample:.2f}s ({len(labels) / max(t_sample, 1e-9):.2f} images/s)")
     return paths

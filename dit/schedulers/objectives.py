@@ -88,7 +88,12 @@ class DDPMObjective:
 
     def _at(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Table entries at integer t, shaped to broadcast against `like` (computed in float64, cast)."""
-        values = self.tables[name].to(t.device)[t.long()].to(torch.float32)
+        key = (name, str(t.device))
+        table = self._device_tables.get(key) if hasattr(self, "_device_tables") else None
+        if table is None:  # copied to the device once: a per-step host->GPU copy would synchronise every step
+            self._device_tables = getattr(self, "_device_tables", {})
+            table = self._device_tables[key] = self.tables[name].to(t.device)
+        values = table[t.long()].to(torch.float32)
         return values.reshape(-1, *([1] * (like.ndim - 1)))
 
     def sample_timesteps(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:

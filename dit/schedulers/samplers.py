@@ -6,6 +6,7 @@ seed s is the same whatever the batch it is sampled in.
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -130,17 +131,23 @@ def sample(model: Callable[..., torch.Tensor], labels: torch.Tensor, seeds: list
            learn_sigma: bool = True, null_class: int = 1000, cfg_channels: int | None = None,
            device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, clip_denoised: bool = False,
            callback: Callable[[int, int, torch.Tensor], None] | None = None, progress: bool = True,
-           desc: str = "sampling") -> torch.Tensor:
+           desc: str = "sampling", x0_callback: Callable[[int, int, torch.Tensor], None] | None = None,
+           x0_every: int = 5, cancel: threading.Event | None = None) -> torch.Tensor:
     """Run one batch of the reverse process and return x0 of shape (N, *shape).
 
     `model(x, t, y)` is the denoiser (a `DiT`); `callback(step, total, x)` runs after every step.
+    `x0_callback(step, total, x0)` receives the predicted clean sample every `x0_every` steps and at the
+    last step (for previews). When `cancel` (a `threading.Event`) is set, the next step raises
+    `GenerationCancelled` instead of running.
     """
     if len(seeds) != len(labels):
         raise ValueError(f"got {len(seeds)} seeds for {len(labels)} labels")
     if steps < 1:
         raise ValueError("steps must be at least 1")
     scheduler, spec = get_sampler(scheduler_name, objective, learn_sigma, clip_denoised)
-    scheduler.set_timesteps(steps, device=device)
+    # The schedule stays on the CPU: the schedulers index their CPU tables with t, and a GPU t would make each
+    # step wait for the GPU (a device-to-host read); the model gets t through a fill, no copy.
+    scheduler.set_timesteps(steps)
     x, generators = initial_noise(seeds, shape, device, torch.float32)  # the state stays in float32
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     y = labels.to(device)
@@ -148,12 +155,39 @@ def sample(model: Callable[..., torch.Tensor], labels: torch.Tensor, seeds: list
     timesteps = scheduler.timesteps
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled(f"sampling cancelled before step {i + 1}/{len(timesteps)}")
         model_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        t_batch = t.reshape(1).expand(x.shape[0]).to(device)
+        t_batch = torch.full((x.shape[0],), t.item(), dtype=t.dtype, device=device)
         out = guided_output(model, model_in.to(dtype), t_batch, y, cfg_scale, null_class, cfg_channels).float()
         if not spec.uses_learned_sigma or out.shape[1] != 2 * c:
             out = out[:, :c]
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        x_t = x
+        step_out = scheduler.step(out, t, x, **step_kwargs)
+        x = step_out.prev_sample
         if callback is not None:
             callback(i + 1, len(timesteps), x)
+        if x0_callback is not None and ((i + 1) % max(1, x0_every) == 0 or i + 1 == len(timesteps)):
+            x0_callback(i + 1, len(timesteps), predicted_x0(scheduler, step_out, x_t, out[:, :c], t, objective))
     return x
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised by `sample` / `dit.pipeline.generate` when their `cancel` event is set."""
+
+
+def predicted_x0(scheduler: Any, step_out: Any, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor,
+                 objective: str) -> torch.Tensor:
+    """The model's current estimate of the clean sample, for previews.
+
+    The scheduler's own `pred_original_sample` when it reports one (DDPM, DDIM, Euler, Heun); otherwise
+    from the model output: rectified flow x0 = x_t - sigma_t v (sigma_t = t / 1000, diffusers' FlowMatch
+    convention); eps models x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (DDPM, Ho et al. 2020, eq. 15).
+    """
+    pred = getattr(step_out, "pred_original_sample", None)
+    if pred is not None:
+        return pred
+    if objective == "flow":
+        return x_t - (t.float() / 1000.0) * out
+    abar = scheduler.alphas_cumprod[int(t)].to(x_t.device, torch.float32)
+    return (x_t - (1 - abar).sqrt() * out) / abar.sqrt()

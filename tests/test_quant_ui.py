@@ -1,0 +1,73 @@
+"""The UI's Quantize tab through its API (`gradio_client` on 127.0.0.1, ports 7880-7889, a tiny model)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+gr = pytest.importorskip("gradio")
+pytest.importorskip("gradio_client")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+from gradio_client import Client  # noqa: E402
+
+from dit import DiT  # noqa: E402
+from dit.checkpoint import save_checkpoint  # noqa: E402
+from dit.config import model_kwargs  # noqa: E402
+from dit.quant import QuantLinear  # noqa: E402
+from ui.app import build_demo  # noqa: E402
+from ui.context import Studio  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
+
+
+def _free_port() -> int:
+    for port in range(7880, 7890):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.skip("no free port in 7880-7889")
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant-studio")
+    ctx = Studio(root / "models", root / "outputs")
+    torch.manual_seed(0)
+    model = DiT(**dict(model_kwargs("DiT-Micro/4"), learn_sigma=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim and float(p.abs().max()) == 0:
+                p.normal_(0, 0.05)
+    save_checkpoint(model, ctx.models_dir / "tiny", studio={"objective": "flow", "default_scheduler": "flow-euler",
+                                                            "default_steps": 3, "default_cfg_scale": 2.0})
+    demo = build_demo(ctx).queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    yield ctx, Client(url, verbose=False)
+    demo.close()
+
+
+def test_quantize_tab_writes_a_listed_model_with_its_report(studio):
+    from dit.convert import load_any
+
+    ctx, client = studio
+    status, report_md, report = client.predict(model="tiny", output_name="tiny-w4", preset="w4", integer=False,
+                                               adaln="fp8", calib_samples=2, iters=5, evaluate=False,
+                                               eval_per_class=5, api_name="/quantize")
+    assert "tiny-w4" in status and "Quantization report: w4 (FP)" in report_md
+    assert report["bytes"]["file_ratio"] < 0.5 and report["layers"]
+    ids = [m["id"] for m in client.predict(rescan=False, api_name="/list_models")]
+    assert "tiny-w4" in ids
+    model, _ = load_any(ctx.models_dir / "tiny-w4")
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    # ready for Compare: the float and the quantized model side by side
+    grids, table, *_ = client.predict(models=["tiny", "tiny-w4"], labels=["1"], steps=2, api_name="/compare")
+    assert [g["caption"] for g in grids] == ["tiny", "tiny-w4"] and len(table["data"]) == 2
+    # an existing folder is refused, the model is untouched
+    with pytest.raises(Exception, match="already exists"):
+        client.predict(model="tiny", output_name="tiny-w4", preset="w4", api_name="/quantize")
