@@ -6,12 +6,13 @@ Quantized weights and adapters sit beside them in files named for what they are.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -56,15 +57,30 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
 def make_temp_dir(final_dir: str | os.PathLike) -> Path:
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: the renamed folder should read like any other
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_folder(final_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside `final_dir`; on success it becomes `final_dir`, on any error it is removed."""
+    tmp = make_temp_dir(final_dir)
+    try:
+        yield tmp
+        atomic_replace_dir(tmp, Path(final_dir))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_checkpoint(model: torch.nn.Module, folder: str | os.PathLike, studio: dict[str, Any] | None = None,
                     model_card: str | None = None, extra_files: dict[str, bytes | str] | None = None) -> Path:
     """Write a checkpoint folder atomically (temp folder, then rename). Returns the folder."""
     folder = Path(folder)
-    tmp = make_temp_dir(folder)
-    try:
+    with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         meta = dict(DEFAULT_STUDIO)
         meta.update(studio or {})
@@ -75,10 +91,6 @@ def save_checkpoint(model: torch.nn.Module, folder: str | os.PathLike, studio: d
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / name, mode) as f:
                 f.write(content)
-        atomic_replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

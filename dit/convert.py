@@ -51,8 +51,7 @@ import torch
 from .checkpoint import (
     DEFAULT_STUDIO,
     CheckpointError,
-    atomic_replace_dir,
-    make_temp_dir,
+    atomic_folder,
     read_studio_meta,
     save_checkpoint,
 )
@@ -522,15 +521,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, model_name: str | No
         save_checkpoint(model, out, studio=meta)
         return model
     target = to_diffusers(model, norm_eps=diffusers_norm_eps)
-    tmp = make_temp_dir(out)
-    try:
+    with atomic_folder(out) as tmp:
         target.save_pretrained(tmp, safe_serialization=True)
-        atomic_replace_dir(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return model
 
 

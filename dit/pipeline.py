@@ -121,8 +121,11 @@ class GenerationParams:
 
 def read_png_parameters(path: str | os.PathLike) -> dict[str, Any]:
     """The `parameters` JSON a studio PNG carries."""
-    with Image.open(path) as im:
-        text = im.text.get("parameters") if hasattr(im, "text") else None
+    try:
+        with Image.open(path) as im:
+            text = im.text.get("parameters") if hasattr(im, "text") else None
+    except (OSError, SyntaxError) as err:  # missing file, not an image (PIL's UnidentifiedImageError)
+        raise ValueError(f"cannot read {path} as a PNG: {err}") from err
     if not text:
         raise ValueError(f"{path} carries no studio `parameters` metadata")
     return json.loads(text)

@@ -329,6 +329,10 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 def resolve_resume(args: argparse.Namespace) -> Path | None:
     if not args.resume_from:
+        existing = list_checkpoints(args.output_dir)
+        if existing:  # a fresh run would overwrite that run's checkpoints, metrics and export
+            raise ValueError(f"{args.output_dir} already holds {existing[-1].name}: pass --resume-from latest to "
+                             "continue that run, or choose another --output-dir (nothing is overwritten)")
         return None
     if args.resume_from == "latest":
         ckpts = list_checkpoints(args.output_dir)

@@ -27,7 +27,8 @@ from .tabs import TABS
 
 # small digits stay crisp when enlarged
 CSS = """.studio-status {font-family: monospace}
-#gen-gallery img, #cmp-grids img, .pixelated img {image-rendering: pixelated}"""
+#gen-gallery img, #cmp-grids img, .pixelated img {image-rendering: pixelated}
+#bench-plots .thumbnail-item {aspect-ratio: 16 / 9}"""
 
 
 def build_demo(ctx: Studio | None = None, tabs: list[str] | None = None) -> gr.Blocks:

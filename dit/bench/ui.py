@@ -4,8 +4,9 @@
     python -m dit.bench ui --repeats 5 --steps 25
 
 The app is launched in this process on 127.0.0.1 (`launch(prevent_thread_lock=True)`) and called through
-`gradio_client` from a separate process (the time of `Client.predict`, what an API user waits for: queue, streamed
-progress and x0 previews, PNG writing and the files' download included); the direct call is
+`gradio_client` from a separate process (the time of `Client.predict`: queue, streamed progress and x0
+previews, PNG writing; row `ui` until the result with its file links arrives, row `ui+download` with
+gradio_client also downloading each of the 21 returned files in turn); the direct call is
 `dit.pipeline.generate` on the same loaded model with the same labels, seeds and settings (also shown:
 plus writing the PNGs as `sample.py` does), run in a worker thread as the UI runs it. Runs are interleaved (UI, direct, UI, ...) so that load from
 other processes hits both alike; the headline is the best of the runs, medians are reported too. Two
@@ -76,11 +77,14 @@ def run(args: argparse.Namespace) -> int:
         worker.join()
         return box["out"]
 
-    def through_ui(kwargs: dict[str, Any]) -> float:
+    def through_ui(kwargs: dict[str, Any], download: bool = True) -> float:
         """One `Client.predict` from a separate client process (its CPU is not the server's); returns its wall s.
-        The client connects first, then waits for "go", so only the request itself is timed on both clocks."""
+        The client connects first, then waits for "go", so only the request itself is timed on both clocks.
+        `download=False`: the result (file links) is ready, the client fetches no file (a browser fetches the
+        images it shows lazily, in parallel); `True`: gradio_client also downloads every returned file, one by one."""
         script = ("import json, sys, time\nfrom gradio_client import Client\n"
-                  f"c = Client({url!r}, verbose=False)\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+                  f"c = Client({url!r}, verbose=False, download_files={download!r})\n"
+                  "print('ready', flush=True)\nsys.stdin.readline()\n"
                   f"t = time.perf_counter(); c.predict(**json.loads({json.dumps(json.dumps(kwargs))}))\n"
                   "print(time.perf_counter() - t, flush=True)\n")
         proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
     through_ui(dict(ui_kwargs, steps=1))   # warm-up of both paths (first-call costs)
     direct()
-    paths = {"ui": lambda r: through_ui(ui_kwargs), "pipeline": lambda r: direct(),
+    paths = {"ui": lambda r: through_ui(ui_kwargs, download=False),
+             "ui+download": lambda r: through_ui(ui_kwargs), "pipeline": lambda r: direct(),
              "pipeline+save": lambda r: req.save(direct(), work / f"direct-{r}")}
     times: dict[str, dict[str, list[float]]] = {clock: {k: [] for k in paths} for clock in ("wall", "cpu")}
     try:
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
                 w0, c0 = time.perf_counter(), time.process_time()
                 client_wall = fn(r)
                 wall = time.perf_counter() - w0
-                times["wall"][name].append(client_wall if name == "ui" else wall)
+                times["wall"][name].append(client_wall if name.startswith("ui") else wall)
                 times["cpu"][name].append(time.process_time() - c0)   # every thread of this (server) process
     finally:
         demo.close()

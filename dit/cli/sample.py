@@ -88,10 +88,17 @@ def run(args: argparse.Namespace) -> list[Path]:
         args.steps, args.cfg_scale, args.scheduler = params["steps"], params["cfg_scale"], params["scheduler"]
         args.cfg_channels, args.dtype = params.get("cfg_channels"), params.get("dtype", "fp32")
         args.per_label, args.num_images = 1, None
+        recorded = (params.get("extras") or {}).get("adapters") or []
+        if recorded and not args.adapter:  # the file path is not stored (only its name and hash)
+            named = ", ".join(f"{a.get('file')} (scale {a.get('scale')}, sha256 {a.get('sha256')})" for a in recorded)
+            raise ValueError(f"{args.params_from} was made with adapter(s) {named}: pass each with "
+                             "--adapter FILE --adapter-scale S to reproduce it")
     if args.num_fid_samples is not None:
         from ..fid_sampling import run_fid_sampling
 
         return [run_fid_sampling(args)]
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a file, not a folder; choose a folder for the PNGs")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if device.type == "cuda" and args.tf32:
@@ -107,9 +114,15 @@ def run(args: argparse.Namespace) -> list[Path]:
 
         compile_model(model, args.compile)
     t_load = time.time() - t0
+    model_name = meta.get("name") or Path(args.checkpoint).name
+    if args.params_from and params.get("model") not in (None, model_name):
+        print(f"warning: {args.params_from} was made by model {params['model']!r}, sampling with {model_name!r} "
+              "(pass its --checkpoint to reproduce it)", file=sys.stderr)
     num_classes = model.config.num_classes
     scheduler = args.scheduler or meta["default_scheduler"]
-    steps = args.steps or meta["default_steps"]
+    steps = meta["default_steps"] if args.steps is None else args.steps
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1 (got {steps})")
     cfg_scale = meta["default_cfg_scale"] if args.cfg_scale is None else args.cfg_scale
     if scheduler not in SAMPLERS:
         raise ValueError(f"Unknown scheduler {scheduler!r}. Valid schedulers: {', '.join(SAMPLERS)}")
@@ -138,7 +151,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         t_warm = warm_up(model.eval(), min(args.batch_size, len(labels)), args.image_size, cfg_scale != 1.0)
     t1 = time.time()
     out = generate(model, labels, seeds, scheduler=scheduler, steps=steps, cfg_scale=cfg_scale,
-                   objective=meta["objective"], model_name=meta.get("name") or Path(args.checkpoint).name,
+                   objective=meta["objective"], model_name=model_name,
                    class_names=meta.get("class_names"), batch_size=args.batch_size, device=device, dtype=dtype,
                    vae=vae, latent_scale=meta.get("latent_scale"), image_size=args.image_size,
                    cfg_channels=args.cfg_channels, adapters=adapter_list(args),

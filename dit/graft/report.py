@@ -55,7 +55,8 @@ def block_layout(cfg: dict[str, Any]) -> list[dict[str, Any]]:
              "branches": int(cfg.get("parallel_branches", 1))} for i in range(depth)]
 
 
-def _quality(model: DiT, meta: dict[str, Any], per_class: int, stored: str | None = None) -> dict[str, Any]:
+def _quality(model: DiT, meta: dict[str, Any], per_class: int, stored: str | None = None,
+             progress: bool = False) -> dict[str, Any]:
     """`dit.eval` digits metrics; a stored eval.json of the same model with the same sampling settings is reused."""
     import json
     from pathlib import Path
@@ -70,7 +71,7 @@ def _quality(model: DiT, meta: dict[str, Any], per_class: int, stored: str | Non
                 and s.get("num_per_class") == per_class)
         if same and "classifier_agreement" in saved:
             return {**saved, "reused_from": str(stored)}
-    return evaluate_digits(model, meta, num_per_class=per_class, progress=False)
+    return evaluate_digits(model, meta, num_per_class=per_class, progress=progress)
 
 
 def _compute(src_flops: float, graft_flops: float, unit_flops: float, src_train: dict[str, Any],
@@ -144,8 +145,8 @@ def build_report(settings: Any, source: DiT, final: DiT, meta: dict[str, Any], c
                 from ..dynamic import reset_dynamic_stats
 
                 reset_dynamic_stats(final)
-            report["quality"] = {"source": _quality(source, meta, settings.eval_per_class, stored),
-                                 "grafted": _quality(final, meta, settings.eval_per_class)}
+            report["quality"] = {"source": _quality(source, meta, settings.eval_per_class, stored, settings.progress),
+                                 "grafted": _quality(final, meta, settings.eval_per_class, progress=settings.progress)}
             if final.config.dynamic:
                 report["dynamic"] = dynamic_flops(final)
         else:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_replace_dir, make_temp_dir
+from ..checkpoint import CheckpointError, atomic_folder
 from .layers import QuantLinear, set_module
 
 QUANT_CONFIG = "quant_config.json"
@@ -72,8 +71,7 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, studio: dict[str
                                        "(quantization never overwrites a checkpoint)")
     layers = {name: m.layer_config() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     keep = quant.get("keep_dtype", "float16")
-    tmp = make_temp_dir(folder)
-    try:
+    with atomic_folder(folder) as tmp:
         os.chmod(tmp, 0o755)
         model.save_config(tmp)
         save_file(quantized_state_dict(model, keep), str(tmp / QUANT_WEIGHTS),
@@ -81,10 +79,6 @@ def save_quantized(model: nn.Module, folder: str | os.PathLike, studio: dict[str
         (tmp / QUANT_CONFIG).write_text(json.dumps({"format": FORMAT_TAG, "version": 1, "keep_dtype": keep,
                                                     "layers": layers, **quant}, indent=2))
         (tmp / "studio.json").write_text(json.dumps(studio, indent=2))
-        atomic_replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -66,7 +66,8 @@ def build(ctx: Studio) -> None:
                                  interactive=False)
     attention_table = gr.Dataframe(headers=ATTENTION_COLUMNS, label="attention: latency and memory per variant",
                                    interactive=False)
-    plots = gr.Gallery(label="Plots", columns=2, height="auto", interactive=False)
+    plots = gr.Gallery(label="Plots (click to enlarge)", columns=2, height=520, object_fit="contain",
+                       interactive=False, elem_id="bench-plots")
     log_box = gr.Textbox(label="log", lines=8, max_lines=20)
     results = gr.JSON(visible=False)
 
@@ -99,7 +100,8 @@ def build(ctx: Studio) -> None:
             if kind == "progress":
                 if value.total > 0:
                     progress((value.done, value.total), desc=value.desc)
-                yield gr.skip(), gr.skip(), gr.skip(), "\n".join(log[-20:]), gr.skip(), ctx.progress_text(value)
+                text = ctx.progress_text(value).lstrip("# ")  # a "# ..." log line must not become a heading
+                yield gr.skip(), gr.skip(), gr.skip(), "\n".join(log[-20:]), gr.skip(), text
         payload: dict[str, Any] = {"folder": str(out)}
         fwd = att = []
         if (out / "forward.json").exists():

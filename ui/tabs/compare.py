@@ -134,7 +134,9 @@ def build(ctx: Studio) -> None:
                 steps = gr.Number(25, precision=0, label="Steps", elem_id="cmp-steps")
                 cfg = gr.Number(2.0, label="CFG scale")
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
-            scheduler = gr.Textbox(AUTO, label="Scheduler (auto: each model's default)")
+            from dit.schedulers import sampler_names
+            scheduler = gr.Dropdown([AUTO, *sampler_names()], value=AUTO, allow_custom_value=True,
+                                    label="Scheduler (auto: each model's default)")
             # ---- extra generation options (EXTENSION POINT, as in generate.py): add components here,
             # append them to `extra_inputs` and accept them in `compare(...)`, passed on in `extra`.
             from ..adapters import adapter_components

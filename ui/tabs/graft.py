@@ -20,6 +20,11 @@ TITLE = "Graft"
 MODES = ("attention", "mlp", "restructure (parallel blocks)", "DyDiT routers")
 
 
+def _steps_or_auto(value: float | str | None) -> int | None:
+    """A steps box: empty or 0 (what an untouched gr.Number shows) means the default budget share."""
+    return None if value in (None, "") or int(value) == 0 else int(value)
+
+
 def settings_for(ctx: Studio, model: str, output_name: str, mode: str, operator: str, layers: str, options: str,
                  stage1_steps: float | None, stage2_steps: float | None, distill: bool, evaluate: bool,
                  eval_per_class: int, dynamic_target: float) -> Any:
@@ -43,8 +48,7 @@ def settings_for(ctx: Studio, model: str, output_name: str, mode: str, operator:
     else:
         kw["dynamic"] = json.dumps({"target": float(dynamic_target)})
     return GraftSettings(source=str(entry.path), output=str(out), options=(options or "").strip() or None,
-                         stage1_steps=None if stage1_steps in (None, "") else int(stage1_steps),
-                         stage2_steps=None if stage2_steps in (None, "") else int(stage2_steps),
+                         stage1_steps=_steps_or_auto(stage1_steps), stage2_steps=_steps_or_auto(stage2_steps),
                          distill=bool(distill), evaluate=bool(evaluate), eval_per_class=int(eval_per_class),
                          progress=False, **kw)
 
@@ -67,8 +71,8 @@ def build(ctx: Studio) -> None:
         layers = gr.Textbox(value="50%", label="Blocks (layer spec)")
         options = gr.Textbox(value="", label="Operator options (JSON)", placeholder='{"window_size": 5}')
     with gr.Row():
-        stage1_steps = gr.Number(value=None, precision=0, label="Stage-1 steps (empty: 20% of the budget)")
-        stage2_steps = gr.Number(value=None, precision=0, label="Stage-2 steps (empty: the rest)")
+        stage1_steps = gr.Number(value=None, precision=0, label="Stage-1 steps (0: 20% of the budget)")
+        stage2_steps = gr.Number(value=None, precision=0, label="Stage-2 steps (0: the rest of the budget)")
         dynamic_target = gr.Slider(0.2, 1.0, value=0.7, step=0.05, label="DyDiT FLOPs target (DyDiT mode)")
         distill = gr.Checkbox(value=False, label="Stage 2 distils from the source too")
         evaluate = gr.Checkbox(value=True, label="Evaluate quality (digits models)")

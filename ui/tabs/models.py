@@ -68,3 +68,6 @@ def build(ctx: Studio) -> None:
     outputs = [text, config, evaluation, card, details]
     show.click(model_info, model, outputs, api_name="model_info")
     model.change(model_info, model, outputs, api_visibility="private")
+    tab = gr.context.Context.block  # the gr.Tab that app.py opened: fill the card when the tab is opened
+    if isinstance(tab, gr.Tab):
+        tab.select(model_info, model, outputs, api_visibility="private")
