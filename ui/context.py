@@ -227,6 +227,37 @@ class Studio:
         self._dropdowns.append((dd, multiselect))
         return dd
 
+    @staticmethod
+    def report_job_controls(run_label: str) -> tuple[gr.Button, gr.Button, gr.Markdown, gr.Markdown, gr.JSON]:
+        """Run / Stop buttons, a status line and the report (Markdown + hidden JSON) of a model-making job tab."""
+        with gr.Row():
+            go = gr.Button(run_label, variant="primary")
+            stop = gr.Button("Stop", variant="stop")
+        status = gr.Markdown()
+        report_md = gr.Markdown(label="Report")
+        report_json = gr.JSON(label="Report (JSON)", visible=False)
+        return go, stop, status, report_md, report_json
+
+    def report_job(self, work: Callable[[Job], Any]) -> Any:
+        """`yield from` this in a (status, report, JSON) handler: streams the progress line, returns the report."""
+        report: Any = {}
+        for kind, value in self.stream(work):
+            if kind == "progress":
+                yield self.progress_text(value), gr.skip(), gr.skip()
+            else:
+                report = value
+        return report
+
+    def wire_report_job(self, fn: Callable[..., Any], inputs: list[Any], controls: tuple[Any, ...],
+                        api_name: str) -> Any:
+        """Queue `fn` on the Run button (the shared job queue, a named API endpoint), Stop cancels it, and the
+        model pickers refresh when it ends. Returns the event."""
+        go, stop, *outputs = controls
+        event = go.click(fn, inputs, outputs, api_name=api_name, **self.queue)
+        self.models_changed(event)
+        stop.click(None, None, None, cancels=[event], api_visibility="private")
+        return event
+
     def models_changed(self, event: Any) -> None:
         """After `event` finishes, rescan and refresh every model dropdown (wired when the page is built)."""
         self._change_events.append(event)

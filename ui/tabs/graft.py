@@ -77,12 +77,7 @@ def build(ctx: Studio) -> None:
         distill = gr.Checkbox(value=False, label="Stage 2 distils from the source too")
         evaluate = gr.Checkbox(value=True, label="Evaluate quality (digits models)")
         eval_per_class = gr.Slider(5, 100, value=20, step=5, label="Images per class for the evaluation")
-    with gr.Row():
-        go = gr.Button("Graft", variant="primary")
-        stop = gr.Button("Stop", variant="stop")
-    status = gr.Markdown()
-    report_md = gr.Markdown(label="Report")
-    report_json = gr.JSON(label="Report (JSON)", visible=False)
+    controls = ctx.report_job_controls("Graft")
 
     @ctx.errors
     def graft(model: str = ctx.default_model_id or "", output_name: str = "", mode: str = "attention",
@@ -105,18 +100,11 @@ def build(ctx: Studio) -> None:
             return run_graft(settings, log=lambda s: None, callback=job.report, cancel=job.cancel)
 
         yield summary, gr.skip(), gr.skip()
-        report: dict[str, Any] = {}
-        for kind, value in ctx.stream(work):
-            if kind == "progress":
-                yield ctx.progress_text(value), gr.skip(), gr.skip()
-            else:
-                report = value
+        report: dict[str, Any] = yield from ctx.report_job(work)
         new = ctx.add_model(settings.output)
         yield (f"wrote **{new.id}**; it is listed in every model picker (Generate, Compare, Models)",
                report_markdown(report), to_json(report))
 
     inputs = [model, output_name, mode, operator, layers, options, stage1_steps, stage2_steps, dynamic_target,
               distill, evaluate, eval_per_class]
-    event = go.click(graft, inputs, [status, report_md, report_json], api_name="graft", **ctx.queue)
-    ctx.models_changed(event)
-    stop.click(None, None, None, cancels=[event], api_visibility="private")
+    ctx.wire_report_job(graft, inputs, controls, api_name="graft")

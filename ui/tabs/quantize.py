@@ -34,12 +34,7 @@ def build(ctx: Studio) -> None:
         iters = gr.Slider(0, 2500, value=400, step=50, label="AdaRound iterations per block (0 = round to nearest)")
         evaluate = gr.Checkbox(value=True, label="Evaluate quality (digits models)")
         eval_per_class = gr.Slider(5, 100, value=20, step=5, label="Images per class for the evaluation")
-    with gr.Row():
-        go = gr.Button("Quantize", variant="primary")
-        stop = gr.Button("Stop", variant="stop")
-    status = gr.Markdown()
-    report_md = gr.Markdown(label="Report")
-    report_json = gr.JSON(label="Report (JSON)", visible=False)
+    controls = ctx.report_job_controls("Quantize")
 
     @ctx.errors
     def quantize(model: str = ctx.default_model_id or "", output_name: str = "", preset: str = "w4a8",
@@ -66,12 +61,7 @@ def build(ctx: Studio) -> None:
                                        callback=job.report, cancel=job.cancel)
 
         yield f"quantizing `{entry.id}` -> `{out}` ({preset}, {'INT' if integer else 'FP'})", gr.skip(), gr.skip()
-        report: dict[str, Any] = {}
-        for kind, value in ctx.stream(work):
-            if kind == "progress":
-                yield ctx.progress_text(value), gr.skip(), gr.skip()
-            else:
-                report = value
+        report: dict[str, Any] = yield from ctx.report_job(work)
         new = ctx.add_model(out)
         b = report["bytes"]
         yield (f"wrote **{new.id}** ({b['quantized_file'] / 1e6:.2f} MB, {b['file_ratio']:.3f}x the float file); "
@@ -79,6 +69,4 @@ def build(ctx: Studio) -> None:
                to_json(report))
 
     inputs = [model, output_name, preset, integer, adaln, calib_samples, iters, evaluate, eval_per_class]
-    event = go.click(quantize, inputs, [status, report_md, report_json], api_name="quantize", **ctx.queue)
-    ctx.models_changed(event)
-    stop.click(None, None, None, cancels=[event], api_visibility="private")
+    ctx.wire_report_job(quantize, inputs, controls, api_name="quantize")
