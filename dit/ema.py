@@ -51,10 +51,14 @@ class EMA:
                 module._dit_compiled = False
 
     def _tensors(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(ema tensors, training parameters) in matching order (wrapper prefixes of DDP, FSDP, compile dropped)."""
+        """(ema tensors, training parameters) in matching order (wrapper prefixes of DDP, FSDP, compile dropped).
+        Frozen parameters (`requires_grad=False`, e.g. the base under an adapter) never change, so their EMA copy
+        already equals them: they are left out of the update instead of being re-averaged every step."""
         ema_params = dict(self.model.named_parameters())
         ema_list, src_list = [], []
         for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
             ema_list.append(ema_params[clean_name(name)])
             src_list.append(param.detach())
         return ema_list, src_list
@@ -76,6 +80,8 @@ class EMA:
 
     def _update(self, model: nn.Module, keep: torch.Tensor | None) -> None:
         ema_list, src_list = self._tensors(model)
+        if not ema_list:  # everything frozen: nothing to average
+            return
         src_list = [s if s.dtype == e.dtype and s.device == e.device else s.to(e) for e, s in zip(ema_list, src_list)]
         weight = 1.0 - self.decay
         if keep is None:
