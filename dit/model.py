@@ -87,6 +87,10 @@ class DiTBlock(nn.Module):
         shift_mlp, scale_mlp, gate_mlp = (mod or self.adaLN_modulation(c).chunk(6, dim=1))[3:]
         return gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), ctx.grid)
 
+    def prepare(self, grid: tuple[int, int], device: torch.device) -> None:
+        """Eager set-up of the operators' per-grid constants (see `AttentionOp.prepare`)."""
+        self.attn.prepare(grid, device)
+
     @property
     def attention_name(self) -> str:
         return self.attn.name
@@ -119,6 +123,10 @@ class ParallelBlock(nn.Module):
         for branch in self.branches:
             out = out + (branch(x, c, ctx) - x)
         return out
+
+    def prepare(self, grid: tuple[int, int], device: torch.device) -> None:
+        for branch in self.branches:
+            branch.prepare(grid, device)
 
     @property
     def attention_name(self) -> str:
@@ -322,6 +330,10 @@ class DiT(ModelMixin, ConfigMixin):
         t_emb = self.t_embedder(t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t)
         c = t_emb + self.y_embedder(y, self.training, force_drop_ids)
         ctx = BlockContext(grid=grid, t_emb=t_emb)
+        for block in self.blocks:  # eager, outside compiled blocks: shared per-grid constants (token orders)
+            prepare = getattr(block, "prepare", None)
+            if prepare is not None:
+                prepare(grid, h.device)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 h = self._gradient_checkpointing_func(block, h, c, ctx)

@@ -57,6 +57,7 @@ from torch import nn
 
 from . import register_attention
 from .base import AttentionOp, BlockContext, breakdown, square_grid
+from .constants import geometry_constant
 from .softmax import check_backend, scaled_dot_product
 
 WINDOWS_PER_SIDE = 8  # PT-DiT keeps 8x8 = 64 proxies at every resolution
@@ -159,9 +160,9 @@ def window_layout(grid: tuple[int, int], win: tuple[int, int], shifted: bool) ->
         for c0, c1 in _blocks(gw, ww, sw):
             rects.setdefault((r1 - r0, c1 - c0), []).append(index[r0:r1, c0:c1].reshape(-1))
     order, groups = [], []
-    for (rh, cw), members in sorted(rects.items(), reverse=True):
-        order += members
-        groups.append((len(members), rh * cw))
+    for rh, cw in sorted(rects, reverse=True):  # sort the (h, w) keys only: traceable by torch.compile
+        order += rects[(rh, cw)]
+        groups.append((len(rects[(rh, cw)]), rh * cw))
     return torch.cat(order), groups
 
 
@@ -200,7 +201,6 @@ class ProxyTokenAttention(AttentionOp):
             self.shift_proj = nn.Linear(dim, dim)
             self.shift_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
             self.shift_table = nn.Parameter(torch.zeros(3, dim))
-        self._mask_cache: dict[tuple[Any, ...], Any] = {}  # shift masks and token orders, per grid
         self.reset_extra_parameters()
 
     def reset_extra_parameters(self) -> None:
@@ -232,12 +232,12 @@ class ProxyTokenAttention(AttentionOp):
     def window_order(self, grid: tuple[int, int], win: tuple[int, int], shifted: bool,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
         """Token permutation to window-group order (`window_layout`), its inverse and the groups, cached per
-        (grid, window, shifted, device): one gather replaces roll + partition."""
-        key = ("order", tuple(grid), tuple(win), shifted, str(device))
-        if key not in self._mask_cache:
+        (grid, window, shifted, device) for all blocks (`constants`): one gather replaces roll + partition."""
+        def build() -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
             order, groups = window_layout(tuple(grid), tuple(win), shifted)
-            self._mask_cache[key] = (order.to(device), torch.argsort(order).to(device), groups)
-        return self._mask_cache[key]
+            return order.to(device), torch.argsort(order).to(device), groups
+
+        return geometry_constant(("proxy-order", tuple(grid), tuple(win), shifted, str(device)), build)
 
     def _window_attention(self, h: torch.Tensor, qkv_layer: nn.Linear, out_layer: nn.Linear,
                           grid: tuple[int, int], win: tuple[int, int], shifted: bool) -> torch.Tensor:
@@ -262,15 +262,22 @@ class ProxyTokenAttention(AttentionOp):
     def shift_mask(self, grid: tuple[int, int], win: tuple[int, int], device: torch.device,
                    dtype: torch.dtype) -> torch.Tensor | None:
         """The region mask for this grid and window, cached per (grid, window, device, dtype)."""
-        key = ("mask", tuple(grid), tuple(win), str(device), dtype)
-        if key not in self._mask_cache:
+        def build() -> torch.Tensor | None:
             mask = shift_region_mask(tuple(grid), tuple(win))
-            self._mask_cache[key] = None if mask is None else mask.to(device=device, dtype=dtype)
-        return self._mask_cache[key]
+            return None if mask is None else mask.to(device=device, dtype=dtype)
+
+        return geometry_constant(("proxy-mask", tuple(grid), tuple(win), str(device), dtype), build)
 
     @staticmethod
     def _norm(x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+    def prepare(self, grid: tuple[int, int], device: torch.device) -> None:
+        """Build this grid's token orders eagerly (called by `DiT.forward` before the blocks)."""
+        win = self.window_for(tuple(grid))
+        self.window_order(grid, win, False, device)
+        if self.shift:
+            self.window_order(grid, win, True, device)
 
     # ------------------------------------------------------------------ the three branches
     def proxy_tokens(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

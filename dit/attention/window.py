@@ -32,6 +32,7 @@ from torch import nn
 
 from . import register_attention
 from .base import AttentionOp, breakdown
+from .constants import geometry_constant
 from .softmax import check_backend, scaled_dot_product
 
 
@@ -69,7 +70,6 @@ class SlidingWindowAttention(AttentionOp):
         self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self._mask_cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     @property
     def radius(self) -> int:
@@ -78,18 +78,17 @@ class SlidingWindowAttention(AttentionOp):
     # ------------------------------------------------------------------ masks (cached per grid)
     def dense_mask(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(T, T) additive mask: 0 inside each query's neighbourhood, -inf elsewhere."""
-        key = ("dense", grid, self.window_size, str(device), dtype)
-        if key not in self._mask_cache:
+        def build() -> torch.Tensor:
             ys, xs = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
             ys, xs = ys.reshape(-1), xs.reshape(-1)
             ok = _neighbourhood_ok(ys[:, None], xs[:, None], ys[None, :], xs[None, :], self.radius, grid)
-            self._mask_cache[key] = torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf")).to(device)
-        return self._mask_cache[key]
+            return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf")).to(device)
+
+        return geometry_constant(("window-dense", tuple(grid), self.window_size, str(device), dtype), build)
 
     def tile_mask(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(tiles, b^2, (b + 2r)^2) additive mask of the tiled path (padding queries see every key)."""
-        key = ("tile", grid, self.tile, self.window_size, str(device), dtype)
-        if key not in self._mask_cache:
+        def build() -> torch.Tensor:
             b, r = self.tile, self.radius
             ty, tx = -(-grid[0] // b), -(-grid[1] // b)
             qi, qj = torch.meshgrid(torch.arange(b), torch.arange(b), indexing="ij")
@@ -101,8 +100,23 @@ class SlidingWindowAttention(AttentionOp):
             ok = _neighbourhood_ok(qy, qx, ky, kx, r, grid)
             padded_query = (qy >= grid[0]) | (qx >= grid[1])
             ok = ok | padded_query
-            self._mask_cache[key] = torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf")).to(device)
-        return self._mask_cache[key]
+            return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf")).to(device)
+
+        key = ("window-tile", tuple(grid), self.tile, self.window_size, str(device), dtype)
+        return geometry_constant(key, build)
+
+    def prepare(self, grid: tuple[int, int], device: torch.device) -> None:
+        """Build the mask `forward` will use for this grid, eagerly (called by `DiT.forward`)."""
+        grid = (int(grid[0]), int(grid[1]))
+        dtype = self.qkv.weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        if self.backend == "math":
+            return  # the gathered path's mask is built on its first call
+        if grid[0] * grid[1] <= (self.tile + 2 * self.radius) ** 2:
+            self.dense_mask(grid, device, dtype)
+        else:
+            self.tile_mask(grid, device, dtype)
 
     # ------------------------------------------------------------------ the three execution paths
     def _gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -115,14 +129,15 @@ class SlidingWindowAttention(AttentionOp):
             cols = F.unfold(img, ks, padding=r)              # (N H, d k^2, T)
             return cols.reshape(n, heads, dh, ks * ks, t).permute(0, 1, 4, 3, 2)
 
-        key = ("gather", grid, self.window_size, str(q.device), q.dtype)
-        if key not in self._mask_cache:
+        def build() -> torch.Tensor:
             ys, xs = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
             du, dv = torch.meshgrid(torch.arange(ks) - r, torch.arange(ks) - r, indexing="ij")
             ky, kx = ys.reshape(-1, 1) + du.reshape(1, -1), xs.reshape(-1, 1) + dv.reshape(1, -1)
             ok = (ky >= 0) & (ky < grid[0]) & (kx >= 0) & (kx < grid[1])
-            self._mask_cache[key] = torch.zeros(ok.shape, dtype=q.dtype).masked_fill(~ok, float("-inf")).to(q.device)
-        mask = self._mask_cache[key].unsqueeze(-2)             # (T, 1, k^2)
+            return torch.zeros(ok.shape, dtype=q.dtype).masked_fill(~ok, float("-inf")).to(q.device)
+
+        key = ("window-gather", tuple(grid), self.window_size, str(q.device), q.dtype)
+        mask = geometry_constant(key, build).unsqueeze(-2)     # (T, 1, k^2)
         scores = (q * dh ** -0.5).unsqueeze(-2) @ neighbours(k).transpose(-2, -1)   # (N, H, T, 1, k^2)
         attn = (scores + mask).softmax(dim=-1)
         return (attn @ neighbours(v)).squeeze(-2)
