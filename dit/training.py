@@ -210,8 +210,11 @@ class DeviceTensorLoader:
         self.tensors = tensors
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.tensors[0].device
         for idx in self.sampler:
-            index = torch.as_tensor(idx, device=self.tensors[0].device)
+            index = torch.as_tensor(idx)
+            if device.type == "cuda":  # from pinned memory, asynchronously: a pageable copy would sync every step
+                index = index.pin_memory().to(device, non_blocking=True)
             batch = [t.index_select(0, index) for t in self.tensors]
             if self.scale is not None:
                 mean, std, labels = batch
@@ -604,10 +607,15 @@ def train(args: argparse.Namespace) -> Path:
 
     stop_requested = stop_on_sigterm() if world == 1 else None
     data_iter = iter(loader)
+    per_batch_label_check = not isinstance(loader, DeviceTensorLoader)
+    if not per_batch_label_check:  # in-memory data: every label checked once here, not one host read per step
+        labels = loader.tensors[-1]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= unwrapped.num_classes):
+            raise ValueError(f"labels out of range [0, {unwrapped.num_classes - 1}] in the training data")
     model.train()
     while step < args.max_steps:
         x, y = next(data_iter)
-        if y.device.type == "cpu" and ((y < 0).any() or (y >= unwrapped.num_classes).any()):  # CPU: no GPU sync
+        if per_batch_label_check and ((y < 0).any() or (y >= unwrapped.num_classes).any()):  # CPU tensors
             raise ValueError(f"labels out of range [0, {unwrapped.num_classes - 1}] in the batch at step {step}")
         x = x.to(accelerator.device, non_blocking=True)
         y = y.to(accelerator.device, non_blocking=True)

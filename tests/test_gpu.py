@@ -140,3 +140,43 @@ def test_xformers_agrees_with_sdpa_or_gives_one_line():
     a = softmax.scaled_dot_product(q, k, v, "xformers")
     b = softmax.scaled_dot_product(q, k, v, "sdpa")
     torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_train_loop_has_no_host_sync_between_logging_steps(tmp_path, monkeypatch):
+    """train.py's own loop (digits on the GPU, bf16, fused AdamW, guard, EMA, clipping): from step 3 to step 10
+    (no logging, checkpoint or preview due) any synchronising CUDA call raises (torch's sync debug mode)."""
+    from dit import training
+    from dit.nonfinite import NonFiniteGuard
+
+    record = NonFiniteGuard.record
+
+    def record_and_watch(self, step, keep):
+        record(self, step, keep)
+        torch.cuda.set_sync_debug_mode("error" if 2 <= step < 10 else "default")
+
+    monkeypatch.setattr(NonFiniteGuard, "record", record_and_watch)
+    try:
+        training.main(["--data", "digits", "--model", "DiT-S/4", "--image-size", "16", "--batch-size", "32",
+                       "--max-steps", "12", "--log-every", "12", "--checkpointing-steps", "12", "--no-preview",
+                       "--mixed-precision", "bf16", "--output-dir", str(tmp_path / "run")])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (tmp_path / "run" / "checkpoint-12").is_dir()
+
+
+def test_ddim_sampling_steps_do_not_synchronise():
+    """The sampler loop (CFG, bf16 weights, DDIM): between the first and the last step no call waits for the GPU
+    (the schedule stays on the CPU and the model gets t by a fill), so the host queues steps ahead."""
+    from dit.schedulers import sample
+
+    model = torch.nn.Module.to(small(), dtype=torch.bfloat16)
+
+    def watch(step, total, x):
+        torch.cuda.set_sync_debug_mode("error" if 1 <= step < total - 1 else "default")
+
+    try:
+        x = sample(model, torch.tensor([1, 2, 3, 4]), [0, 1, 2, 3], (4, 16, 16), "ddim", 10, 4.0, device=CUDA,
+                   dtype=torch.bfloat16, callback=watch, progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x).all()

@@ -105,6 +105,38 @@ def test_metrics_log_images_per_second(tmp_path):
     assert not (out / "samples").exists()  # --no-preview
 
 
+def test_training_loop_reads_nothing_back_between_logging_steps(tmp_path, monkeypatch):
+    """The loop's host reads of device values (`.item()`, `bool(t)`, `int(t)`: what stalls a GPU every step)
+    happen only at logging / checkpoint / preview steps: steps 3 to 9 of a 12-step run with logging at 12 make
+    none (a dispatch mode sees every `_local_scalar_dense`, the op behind them; on CUDA, tests/test_gpu.py
+    checks the same loop with torch's sync debug mode, which also catches synchronising copies)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads: list[str] = []
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+                import traceback
+
+                reads.append("".join(traceback.format_stack(limit=6)[:-1]))
+            return func(*args, **(kwargs or {}))
+
+    mode, record = HostReads(), NonFiniteGuard.record
+
+    def record_and_watch(self, step, keep):
+        record(self, step, keep)
+        if step == 2:
+            mode.__enter__()
+        elif step == 9:
+            mode.__exit__(None, None, None)
+
+    monkeypatch.setattr(NonFiniteGuard, "record", record_and_watch)
+    train(parse_args(TINY + ["--max-steps", "12", "--log-every", "12", "--checkpointing-steps", "12",
+                             "--output-dir", str(tmp_path / "run"), "--no-preview"]))
+    assert not reads, f"{len(reads)} host read(s) per quiet stretch; the first from:\n{reads[0]}"
+
+
 # ---------------------------------------------------------------- previews
 def test_preview_cost_follows_the_run():
     short = parse_args(["--max-steps", "3"])
