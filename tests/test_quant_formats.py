@@ -156,3 +156,20 @@ def test_module_to_dtype_keeps_the_codes():
     layer.to(torch.bfloat16)
     assert layer.qweight.dtype == torch.float8_e4m3fn and layer.wscale.dtype == torch.float16
     assert layer.bias.dtype == torch.bfloat16
+
+
+def test_report_puts_round_to_nearest_errors_in_their_own_column():
+    """A block without AdaRound (8-bit layers, --iters 0) reports its error as round-to-nearest, not AdaRound."""
+    from dit.quant.report import format_report
+
+    report = {"preset": "w8a8", "grid": "fp", "source": "a", "output": "b", "formats": {"weight": "e4m3"},
+              "bytes": {"source_file": 4_000_000, "quantized_file": 1_000_000, "file_ratio": 0.25,
+                        "source_in_memory": 4_000_000, "quantized_in_memory": 1_000_000, "memory_ratio": 0.25},
+              "calibration": {"inputs": 8, "trajectory_seconds": 1, "calibration_seconds": 1, "total_seconds": 2},
+              "blocks": {"blocks.0": {"output_mse": 0.125, "relative_error": 0.01, "rtn_output_mse": None},
+                         "blocks.1": {"output_mse": 0.25, "relative_error": 0.02, "rtn_output_mse": 0.5}},
+              "layers": {}}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
+            for line in format_report(report).splitlines() if line.startswith("| blocks.")}
+    assert rows["blocks.0"] == ["0.1250", "not run"]
+    assert rows["blocks.1"] == ["0.5000", "0.2500"]

@@ -47,7 +47,11 @@ def format_report(r: dict[str, Any]) -> str:
     lines += ["", "## Blocks (output MSE on the calibration inputs)", "",
               "| block | round to nearest | after AdaRound | relative error |", "|---|---|---|---|"]
     for name, s in r["blocks"].items():
-        lines.append(f"| {name} | {_f(s.get('rtn_output_mse'))} | {_f(s['output_mse'])} | {_f(s['relative_error'])} |")
+        if s.get("rtn_output_mse") is None:  # no AdaRound in this block (8-bit layers, --iters 0): the final
+            rtn, ada = _f(s["output_mse"]), "not run"  # error IS the round-to-nearest one
+        else:
+            rtn, ada = _f(s["rtn_output_mse"]), _f(s["output_mse"])
+        lines.append(f"| {name} | {rtn} | {ada} | {_f(s['relative_error'])} |")
     lines += ["", "## Layers", "", "| layer | role | weight | scales | act | weight rel. error | output rel. error |",
               "|---|---|---|---|---|---|---|"]
     for name, s in r["layers"].items():
