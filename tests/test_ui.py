@@ -421,3 +421,19 @@ def test_library_previews_and_cancel_in_generate():
         generate(eps_model, [0], [0], scheduler=name, steps=4, cfg_scale=1.0, objective="ddpm", progress=False,
                  preview=lambda d, n, ims: previews.append(ims[0].size), preview_every=2)
         assert previews == [(16, 16), (16, 16)], name
+
+
+def test_benchmarks_tab_opens_with_the_newest_results(tmp_path):
+    """The Benchmarks tab shows the newest run of its own on page load (runs without results are passed over)."""
+    from ui.tabs.bench import latest_folder, load_results
+
+    ctx = Studio(tmp_path / "models", tmp_path / "outputs")
+    assert latest_folder(ctx) is None
+    old, new, empty = (ctx.outputs_dir / "bench" / n for n in ("20260101-000000", "20260102-000000", "20260103-000000"))
+    for folder, ms in ((old, 9.0), (new, 1.5)):
+        folder.mkdir(parents=True)
+        (folder / "forward.json").write_text(json.dumps({"forward": [{"batch": 1, "studio_ms": ms}]}))
+    empty.mkdir()  # a run that was stopped before writing anything
+    assert latest_folder(ctx) == new
+    forward, attention, plots, payload = load_results(new)
+    assert forward[0][:2] == [1, 1.5] and attention == [] and plots == [] and payload["folder"] == str(new)

@@ -51,6 +51,30 @@ def rows_table(rows: list[dict[str, Any]], columns: list[str]) -> list[list[Any]
     return [[fmt(r.get(c)) for c in columns] for r in rows]
 
 
+def load_results(out: Path) -> tuple[list[list[Any]], list[list[Any]], list[tuple[str, str]], dict[str, Any]]:
+    """The tables, plots and JSON payload of one benchmark folder (what a run writes)."""
+    payload: dict[str, Any] = {"folder": str(out)}
+    fwd: list[list[Any]] = []
+    att: list[list[Any]] = []
+    if (out / "forward.json").exists():
+        payload["forward"] = json.loads((out / "forward.json").read_text())
+        fwd = rows_table(payload["forward"]["forward"], FORWARD_COLUMNS)
+    if (out / "attention.json").exists():
+        payload["attention"] = json.loads((out / "attention.json").read_text())
+        att = rows_table(payload["attention"]["rows"], ATTENTION_COLUMNS)
+    pngs = [(str(p), p.stem) for p in sorted(Path(out).glob("*.png"))]
+    return fwd, att, pngs, payload
+
+
+def latest_folder(ctx: Studio) -> Path | None:
+    """The newest folder of this tab's runs (outputs/bench/<date-time>) holding results, if any."""
+    runs = sorted((ctx.outputs_dir / "bench").glob("*"), reverse=True) if (ctx.outputs_dir / "bench").is_dir() else []
+    for folder in runs:
+        if (folder / "forward.json").exists() or (folder / "attention.json").exists():
+            return folder
+    return None
+
+
 def build(ctx: Studio) -> None:
     from dit.config import preset_names
 
@@ -61,13 +85,22 @@ def build(ctx: Studio) -> None:
     with gr.Row():
         go = gr.Button("Run benchmarks", variant="primary")
         stop = gr.Button("Stop", variant="stop")
-    status = gr.Markdown(label="status", elem_classes=["studio-status"])
-    forward_table = gr.Dataframe(headers=FORWARD_COLUMNS, label="forward: studio vs diffusers (fp32)",
-                                 interactive=False)
-    attention_table = gr.Dataframe(headers=ATTENTION_COLUMNS, label="attention: latency and memory per variant",
-                                   interactive=False)
-    plots = gr.Gallery(label="Plots (click to enlarge)", columns=2, height=520, object_fit="contain",
-                       interactive=False, elem_id="bench-plots")
+    def shown() -> tuple[list[list[Any]], list[list[Any]], list[tuple[str, str]], str]:
+        """What the page opens with: the newest results on disk, or how to make some."""
+        folder = latest_folder(ctx)
+        if folder is None:
+            return [], [], [], ("No benchmark results yet: **Run benchmarks** (quick settings take about a minute "
+                                "on a laptop CPU); the measured tables are also in bench/README.md.")
+        fwd, att, pngs, _ = load_results(folder)
+        return fwd, att, pngs, f"latest results: `{folder}` (Run benchmarks for new ones)"
+
+    status = gr.Markdown(lambda: shown()[3], label="status", elem_classes=["studio-status"])
+    forward_table = gr.Dataframe(lambda: shown()[0], headers=FORWARD_COLUMNS,
+                                 label="forward: studio vs diffusers (fp32)", interactive=False)
+    attention_table = gr.Dataframe(lambda: shown()[1], headers=ATTENTION_COLUMNS,
+                                   label="attention: latency and memory per variant", interactive=False)
+    plots = gr.Gallery(lambda: shown()[2], label="Plots (click to enlarge)", columns=2, height=520,
+                       object_fit="contain", interactive=False, elem_id="bench-plots")
     log_box = gr.Textbox(label="log", lines=8, max_lines=20)
     results = gr.JSON(visible=False)
 
@@ -102,15 +135,7 @@ def build(ctx: Studio) -> None:
                     progress((value.done, value.total), desc=value.desc)
                 text = ctx.progress_text(value).lstrip("# ")  # a "# ..." log line must not become a heading
                 yield gr.skip(), gr.skip(), gr.skip(), "\n".join(log[-20:]), gr.skip(), text
-        payload: dict[str, Any] = {"folder": str(out)}
-        fwd = att = []
-        if (out / "forward.json").exists():
-            payload["forward"] = json.loads((out / "forward.json").read_text())
-            fwd = rows_table(payload["forward"]["forward"], FORWARD_COLUMNS)
-        if (out / "attention.json").exists():
-            payload["attention"] = json.loads((out / "attention.json").read_text())
-            att = rows_table(payload["attention"]["rows"], ATTENTION_COLUMNS)
-        pngs = [(str(p), p.stem) for p in sorted(Path(out).glob("*.png"))]
+        fwd, att, pngs, payload = load_results(out)
         yield fwd, att, pngs, "\n".join(log[-40:]), to_json(payload), f"done -> `{out}`"
 
     event = go.click(bench, [which, model, quick], [forward_table, attention_table, plots, log_box, results, status],

@@ -100,7 +100,7 @@ def build(ctx: Studio) -> None:
                 preview = gr.Image(label="Latest EMA preview", type="filepath", interactive=False, height=260,
                                    elem_classes=["pixelated"])
                 checkpoints = gr.JSON(label="Checkpoints (resumable)")
-            log = gr.Textbox(label="train.log (tail)", lines=6, max_lines=12)
+            log = gr.Textbox(label="train.log (tail)", lines=12, max_lines=12, autoscroll=True)
 
     @ctx.errors
     def train_start(data: str = "digits", model: str = "DiT-Digits/4", attention: str = "softmax",
