@@ -422,7 +422,7 @@ class DynamicDiTBlock(DiTBlock):
                 attn_out = self.attn(h, ctx.grid)
         else:
             attn_out = self.attn(h, ctx.grid)
-        x = x + gate_msa.unsqueeze(1) * attn_out
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), attn_out)  # as DiTBlock: all-on equals static bit for bit
         x = self.attn.post_attention(x, c, ctx)
 
         # ---- MLP branch (TDW groups, SDT tokens)
@@ -444,10 +444,8 @@ class DynamicDiTBlock(DiTBlock):
                 mlp_out = self._masked_mlp_fn(group_mask, ctx.grid, uniform=False)(hm)
             else:
                 mlp_out = self.mlp(hm, ctx.grid)
-            update = gate_mlp.unsqueeze(1) * mlp_out
-            if token_mask is not None:
-                update = update * token_mask.unsqueeze(-1)
-            x = x + update
+            gate = gate_mlp.unsqueeze(1) if token_mask is None else gate_mlp.unsqueeze(1) * token_mask.unsqueeze(-1)
+            x = torch.addcmul(x, gate, mlp_out)
 
         self._remember(b, ctx.grid, head_mask, group_mask, token_mask)
         return x
@@ -467,13 +465,13 @@ class DynamicDiTBlock(DiTBlock):
                          mlp_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """SDT at inference (DyFLUX's recipe): flatten to (B*N, D), run the MLP on the kept rows, scatter-add."""
         if token_mask is None:
-            return x + gate_mlp.unsqueeze(1) * mlp_fn(hm)
+            return torch.addcmul(x, gate_mlp.unsqueeze(1), mlp_fn(hm))
         b, n, d = x.shape
         idx = token_mask.reshape(-1).nonzero().squeeze(1)
         if idx.numel() == 0:
             return x
         if idx.numel() == b * n:
-            return x + gate_mlp.unsqueeze(1) * mlp_fn(hm)
+            return torch.addcmul(x, gate_mlp.unsqueeze(1), mlp_fn(hm))
         y = mlp_fn(hm.reshape(b * n, d).index_select(0, idx).unsqueeze(0)).squeeze(0)
         g = gate_mlp.index_select(0, torch.div(idx, n, rounding_mode="floor"))
         return x.reshape(b * n, d).index_add(0, idx, g * y).view(b, n, d)

@@ -206,6 +206,24 @@ def test_bf16_linear_attention_kernel_is_close_to_fp32():
     assert ((out.float() - ref).norm() / ref.norm()) < 1e-2
 
 
+def test_bf16_linear_attention_layer_path_matches_fp32(monkeypatch):
+    """The CUDA bf16 layer path (heads laid out once, kernel, depthwise conv in bf16), forced on the CPU: the same
+    function as the fp32 path within bf16 rounding, for a batch > 1 (a head/batch layout slip would not be)."""
+    import dit.attention.linear as linear
+
+    torch.manual_seed(0)
+    op = build_attention("linear", 64, 4, linear_heads=2).eval()
+    with torch.no_grad():
+        for p in op.parameters():
+            p.normal_(0, 0.1)
+    h = torch.randn(3, 48, 64)
+    with torch.no_grad():
+        ref = op(h, (6, 8))
+        monkeypatch.setattr(linear, "use_bf16_kernel", lambda x: x.dtype == torch.bfloat16)
+        out = op.to(torch.bfloat16)(h.bfloat16(), (6, 8)).float()
+    assert ((out - ref).norm() / ref.norm()) < 2e-2
+
+
 def test_linear_attention_on_cpu_keeps_the_fp32_path():
     torch.manual_seed(0)
     op = build_attention("linear", 64, 4).eval()

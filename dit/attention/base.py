@@ -36,8 +36,9 @@ class AttentionOp(nn.Module):
     def forward(self, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def prepare(self, grid: tuple[int, int], device: torch.device) -> None:
-        """Build per-geometry constants (token orders, masks) in eager code before the blocks run; default none.
+    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None) -> None:
+        """Build per-geometry constants (token orders, masks) for inputs of `batch` samples on this grid, in eager
+        code before the blocks run; default none.
 
         `DiT.forward` calls it outside the compiled region, so that compiled blocks read shared constants
         (`dit.attention.constants`) instead of building them inside every graph."""

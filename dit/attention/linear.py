@@ -117,12 +117,13 @@ class LinearAttention(AttentionOp):
 
     def _forward_bf16(self, qkv: torch.Tensor, n: int, t: int, d: int, gh: int, gw: int) -> torch.Tensor:
         """bf16 on CUDA: tensor-core products with the fp32 normaliser, the depthwise conv in bf16."""
-        qkv = qkv.reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]                        # (N, heads, T, d_h)
-        out = linear_attention_kernel_bf16(q, k, v, self.eps).transpose(1, 2).reshape(n, t, d)
-        v_img = v.transpose(1, 2).reshape(n, gh, gw, d).permute(0, 3, 1, 2)
-        bias = None if self.dwc.bias is None else self.dwc.bias.to(v.dtype)
-        conv = F.conv2d(v_img, self.dwc.weight.to(v.dtype), bias, padding=self.dwc.padding, groups=d)
+        # One copy to (3, N, heads, T, d_h): the kernel's batched matmuls then read q, k, v as they are; strided
+        # views would make each matmul copy its operands (k, v, q and fp32 q: more traffic than this copy).
+        heads = qkv.reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
+        out = linear_attention_kernel_bf16(heads[0], heads[1], heads[2], self.eps).transpose(1, 2).reshape(n, t, d)
+        v_img = qkv[..., 2 * d:].reshape(n, gh, gw, d).permute(0, 3, 1, 2)  # V in token order, as the conv wants
+        bias = None if self.dwc.bias is None else self.dwc.bias.to(v_img.dtype)
+        conv = F.conv2d(v_img, self.dwc.weight.to(v_img.dtype), bias, padding=self.dwc.padding, groups=d)
         return out + conv.flatten(2).transpose(1, 2)
 
     def flops_breakdown(self, num_tokens: int, grid: tuple[int, int] | None = None) -> dict[str, float]:

@@ -272,7 +272,7 @@ class ProxyTokenAttention(AttentionOp):
     def _norm(x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
-    def prepare(self, grid: tuple[int, int], device: torch.device) -> None:
+    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None) -> None:
         """Build this grid's token orders eagerly (called by `DiT.forward` before the blocks)."""
         win = self.window_for(tuple(grid))
         self.window_order(grid, win, False, device)
@@ -316,7 +316,7 @@ class ProxyTokenAttention(AttentionOp):
         shift, scale, gate = mod.chunk(3, dim=1)                 # (N, D) each: per sample, never tiled
         h = torch.addcmul(shift.unsqueeze(1), self._norm(x), 1 + scale.unsqueeze(1))
         out = self._window_attention(h, self.shift_qkv, self.shift_proj, grid, win, shifted=True)
-        return x + gate.unsqueeze(1) * out
+        return torch.addcmul(x, gate.unsqueeze(1), out)
 
     def flops_breakdown(self, num_tokens: int, grid: tuple[int, int] | None = None) -> dict[str, float]:
         """Window area p, M = T / p proxies (PT-DiT Eq. 3-4): projections 4 M D^2 (proxy SA) + T D^2 + 2 M D^2

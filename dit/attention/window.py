@@ -105,7 +105,7 @@ class SlidingWindowAttention(AttentionOp):
         key = ("window-tile", tuple(grid), self.tile, self.window_size, str(device), dtype)
         return geometry_constant(key, build)
 
-    def prepare(self, grid: tuple[int, int], device: torch.device) -> None:
+    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None) -> None:
         """Build the mask `forward` will use for this grid, eagerly (called by `DiT.forward`)."""
         grid = (int(grid[0]), int(grid[1]))
         dtype = self.qkv.weight.dtype
