@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU checks for issue 10 (torch.compile, training hot path, GPU-fast variants, FSDP, benchmark).
-# Every step has its own timeout (together 570 s at most); everything lands in $OUT (7 files, flat).
+# Every step has its own timeout (together 575 s at most); everything lands in $OUT (8 files, flat).
 #
 # Prepare once, on the machine with internet (the GPU machine has none; it lacks diffusers):
 #   mkdir -p build/device-wheels && python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -38,7 +38,7 @@ fi
 
 # 1. the @pytest.mark.gpu tests (bf16/fp16 sampling, compile vs eager, CUDA training + NaN guard, linear attention
 #    bf16 at 16384 tokens, proxy bf16, xformers vs SDPA or its one-line error) and the CPU-path tests on CUDA
-step "gpu tests" 130 "$OUT/gpu_tests.log" $PY -m pytest -q -m gpu tests/test_gpu.py -rs
+step "gpu tests" 110 "$OUT/gpu_tests.log" $PY -m pytest -q -m gpu tests/test_gpu.py -rs
 
 # 2. the benchmark (the table, gpu.json, gpu.png), in two processes so that each half gets its share of the time:
 #    forward + training, then the variants + the whole sampling jobs vs diffusers' DiTPipeline
@@ -47,6 +47,9 @@ step "dit.bench gpu forward+train" 150 "$OUT/bench.log" $PY -m dit.bench gpu --s
   --budget-s 120 --output /tmp/bench_a
 step "dit.bench gpu variants+sampling" 160 "$OUT/bench.log" $PY -m dit.bench gpu --sections variants sampling \
   --budget-s 130 --output /tmp/bench_b
+# where each variant's time goes (top kernels of one eager XL-width forward at 4096 tokens), for the next fix
+step "dit.bench gpu profile" 40 "$OUT/bench.log" $PY -m dit.bench gpu --sections profile --no-plot --output /tmp/bench_p
+cp /tmp/bench_p/gpu_profile.txt "$OUT/" 2>>"$OUT/bench.log"
 tar -czf "$OUT/bench.tar.gz" -C /tmp bench_a bench_b 2>>"$OUT/bench.log"
 
 # 3. FSDP (the shipped config on one GPU): train, resume under FSDP, refuse a DDP/single resume, --init-from works

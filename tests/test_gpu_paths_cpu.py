@@ -288,3 +288,18 @@ def test_gpu_benchmark_dry_run_exercises_every_section(tmp_path):
     jobs = {r.get("job") for r in payload["rows"] if r["section"] == "sampling"}
     assert jobs == {"studio eager", "studio compiled", "diffusers DiTPipeline eager"}
     assert (tmp_path / "gpu.png").exists()
+
+
+def test_gpu_benchmark_profile_and_compiled_variants_dry_run(tmp_path):
+    """The optional parts: `--sections profile` writes the top-kernel tables, `--variants-compile` adds a
+    compiled row (with its own speed-up against compiled softmax) for every variant and token count."""
+    proc = subprocess.run([sys.executable, "-m", "dit.bench", "gpu", "--dry-run", "--sections", "variants", "profile",
+                           "--variants-compile", "--no-plot", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    compiled = [r for r in rows if r["section"] == "variants" and r.get("compiled")]
+    assert {r["attention"] for r in compiled} == {"softmax", "linear", "proxy"} and len(compiled) == 6
+    assert all(r["speedup_vs_softmax"] > 0 for r in compiled)
+    text = (tmp_path / "gpu_profile.txt").read_text()
+    assert all(f"=== {v}:" in text for v in ("softmax", "linear", "proxy")) and "addmm" in text

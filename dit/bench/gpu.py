@@ -32,16 +32,22 @@ import torch
 from ._common import RESULTS_DIR, write_json
 
 SECTIONS = ("forward", "train", "variants", "sampling")
+EXTRA_SECTIONS = ("profile",)  # not run by default: --sections profile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", default="DiT-XL/2")
-    a("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    a("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS + EXTRA_SECTIONS,
+      help="profile (not in the default set): the top CUDA kernels of each variant's forward at "
+           "--profile-tokens, to gpu_profile.txt")
     a("--forward-batch", type=int, default=64)
     a("--train-batches", type=int, nargs="+", default=[32, 128, 256])
     a("--train-steps", type=int, default=10, help="timed training steps per batch size")
     a("--variant-tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    a("--variants-compile", action="store_true",
+      help="also time every variant compiled (regional; one compile per variant and token count, minutes)")
+    a("--profile-tokens", type=int, default=4096)
     a("--sample-images", type=int, nargs="+", default=[8, 64])
     a("--samplers", nargs="+", default=["ddim:50", "ddpm:250"], help="NAME:STEPS")
     a("--compile-mode", default="default", help="torch.compile mode for the compiled entries")
@@ -241,7 +247,7 @@ def section_variants(b: Bench) -> None:
         side = int(round(tokens ** 0.5))
         size = side * base["patch_size"]
         batch = 1 if b.dry else max(1, 16384 // tokens)
-        soft_ms = soft_flops = None
+        soft_ms = soft_flops = soft_c_ms = None
         for variant in ("softmax", "linear", "proxy"):
             if b.over_budget():
                 b.record("variants", tokens=tokens, attention=variant, status="skipped (time budget)")
@@ -256,9 +262,51 @@ def section_variants(b: Bench) -> None:
             b.record("variants", tokens=tokens, batch=batch, attention=variant, ms=sec * 1e3,
                      speedup_vs_softmax=(soft_ms / (sec * 1e3)) if soft_ms else None,
                      flop_ratio=(soft_flops / flops) if soft_flops else None, peak_gib=b.peak_gib())
+            if b.args.variants_compile and not b.over_budget():
+                from ..compile import compile_model
+
+                compile_model(model, b.args.compile_mode, backend=b.backend, verbose=False)
+                compile_s = b.first_call(lambda: model(x, t, y))
+                sec_c = b.time(lambda: model(x, t, y), warmup=2)
+                if variant == "softmax":
+                    soft_c_ms = sec_c * 1e3
+                b.record("variants", tokens=tokens, batch=batch, attention=variant, compiled=True, ms=sec_c * 1e3,
+                         speedup_vs_softmax=(soft_c_ms / (sec_c * 1e3)) if soft_c_ms else None,
+                         flop_ratio=(soft_flops / flops) if soft_flops else None, compile_s=compile_s)
             del model
             if b.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def section_profile(b: Bench) -> None:
+    """Top kernels (self device time) of one eager forward per variant at --profile-tokens, to gpu_profile.txt:
+    where a variant's time goes, for the next optimisation (torch.profiler; CPU activities in a dry run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = 64 if b.dry else b.args.profile_tokens
+    side = int(round(tokens ** 0.5))
+    base = b.model_kwargs()
+    size = side * base["patch_size"]
+    batch = 1 if b.dry else max(1, 16384 // tokens)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if b.device.type == "cuda" else "self_cpu_time_total"
+    texts = []
+    for variant in ("softmax", "linear", "proxy"):
+        model = b.build_inference(attention=variant, input_size=size)
+        x, t, y = _inputs(b, batch, size, base["in_channels"])
+        b.time(lambda: model(x, t, y), warmup=1, repeats=1)
+        with profile(activities=activities) as prof:
+            model(x, t, y)
+            b.sync()
+        table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+        texts.append(f"=== {variant}: {tokens} tokens x {batch}, {b.dtype}, eager ===\n{table}")
+        b.record("profile", attention=variant, tokens=tokens, batch=batch, status="profiled")
+        del model
+    path = Path(b.args.output) / "gpu_profile.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(texts))
+    print(f"wrote {path}", flush=True)
 
 
 def _vae(b: Bench) -> Any:
