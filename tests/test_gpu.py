@@ -205,3 +205,27 @@ def test_fused_linear_gelu_matches_linear_then_gelu(monkeypatch):
     for a, b in ((fused, plain), (fused_model, plain_model), (compiled_model, plain_model)):
         assert torch.isfinite(a).all()
         assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_rowwise_scaled_mm_on_cuda_matches_its_simulation(dtype):
+    """W8A8 (E4M3 per-channel weights, per-token activations) as a real FP8 GEMM on SM 8.9+ equals the
+    dequantize-then-matmul simulation within bf16 output rounding; older GPUs keep the simulation."""
+    from dit.quant import QuantLinear, WeightSpec
+    from dit.quant.observers import scales_from_amax, weight_amax
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1152, 4608).to(CUDA)
+    spec = WeightSpec("e4m3", "channel")
+    layer = QuantLinear.from_linear(lin, spec, scales_from_amax(weight_amax(lin.weight, spec), spec), "e4m3").to(CUDA)
+    x = torch.randn(4, 256, 1152, device=CUDA, dtype=dtype)
+    layer.scaled_mm = False
+    reference = layer(x.float()).float()
+    layer.scaled_mm = "auto"  # the FP8 GEMM where the GPU has one
+    if torch.cuda.get_device_capability() < (8, 9):
+        assert not layer._use_scaled_mm(x)
+        pytest.skip("no FP8 tensor cores (SM < 8.9): the simulation is the path")
+    assert layer._use_scaled_mm(x)
+    out = layer(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert (out.float() - reference).abs().max() <= 2e-2 * reference.abs().max()

@@ -129,7 +129,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1]).float()
         xs = (x2.abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-12)
         xq = (x2 / xs).clamp(-448, 448).to(torch.float8_e4m3fn)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.bfloat16
+        # CUDA: bf16 out, the one output type every row-wise backend takes (the CUTLASS path of sm89 / older
+        # CUDA rejects fp32); the CPU kernel (tests) also writes fp32
+        out_dtype = torch.bfloat16 if x.is_cuda or x.dtype != torch.float32 else torch.float32
         out = torch._scaled_mm(xq, self.qweight.t(), scale_a=xs, scale_b=self.wscale.float().reshape(1, -1),
                                out_dtype=out_dtype)
         if self.bias is not None:
