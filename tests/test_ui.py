@@ -437,3 +437,28 @@ def test_benchmarks_tab_opens_with_the_newest_results(tmp_path):
     assert latest_folder(ctx) == new
     forward, attention, plots, payload = load_results(new)
     assert forward[0][:2] == [1, 1.5] and attention == [] and plots == [] and payload["folder"] == str(new)
+
+
+def test_compile_flag_compiles_loaded_models_and_training_runs(tmp_path, monkeypatch):
+    """`python -m ui --compile`: every model the studio loads runs compiled blocks (same images); the Train tab's
+    checkbox passes --compile to train.py."""
+    from dit.compile import is_compiled
+    from dit.pipeline import generate
+    from ui.tabs.train import train_command
+
+    assert build_parser().parse_args(["--compile"]).compile == "default"
+    assert build_parser().parse_args([]).compile is None
+    monkeypatch.setenv("DIT_COMPILE_BACKEND", "aot_eager")  # the compiler stack, without waiting for Inductor
+    plain = Studio(tmp_path / "m", tmp_path / "o")
+    compiled = Studio(tmp_path / "m", tmp_path / "o", compile_mode="default")
+    model_id = plain.default_model_id
+    a, meta, _ = plain.load_model(model_id)
+    b, _, _ = compiled.load_model(model_id)
+    assert is_compiled(b) and not is_compiled(a)
+    kw = dict(scheduler=meta["default_scheduler"], steps=3, cfg_scale=2.0, objective=meta["objective"],
+              progress=False)
+    same = [generate(m, [3, 7], [0, 1], **kw).images for m in (a, b)]
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(*same))
+    argv = train_command("digits", "DiT-Micro/4", "softmax", "flow", 3, 8, 1e-3, "no", 3, 0, None,
+                         tmp_path / "run", tmp_path / "export", **{"--compile": True})
+    assert argv[-1] == "--compile"

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     p.add_argument("--models-dir", default="models", help="folder scanned for checkpoints; new models go here")
     p.add_argument("--outputs-dir", default="outputs", help="generated images, comparisons, runs, benchmarks")
+    from dit.compile import add_compile_argument
+
+    add_compile_argument(p)  # --compile [MODE]: every model the studio loads runs compiled blocks
     return p
 
 
@@ -103,7 +106,7 @@ def free_port(ports: Iterable[int] = range(7860, 7880), host: str = "127.0.0.1")
 def launch(argv: list[str] | None = None, **extra: Any) -> tuple[gr.Blocks, Any]:
     """Parse flags, build and launch; returns (demo, launch() result). `extra` goes to `launch()` (tests)."""
     args = build_parser().parse_args(argv)
-    ctx = Studio(args.models_dir, args.outputs_dir)
+    ctx = Studio(args.models_dir, args.outputs_dir, compile_mode=args.compile)
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=1)
     result = demo.launch(**{**launch_kwargs(args, ctx), **extra})

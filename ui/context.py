@@ -67,7 +67,7 @@ class Studio:
     queue: dict[str, Any] = {"concurrency_id": JOB_QUEUE, "concurrency_limit": 1}
 
     def __init__(self, models_dir: str | Path = "models", outputs_dir: str | Path = "outputs",
-                 include_bundled: bool = True, max_loaded: int = 4):
+                 include_bundled: bool = True, max_loaded: int = 4, compile_mode: str | None = None):
         self.models_dir = Path(models_dir).expanduser().resolve()
         self.outputs_dir = Path(outputs_dir).expanduser().resolve()
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -78,6 +78,7 @@ class Studio:
         self._extra: dict[str, ModelEntry] = {}
         self._loaded: OrderedDict[tuple, tuple[Any, dict[str, Any]]] = OrderedDict()
         self._max_loaded = max_loaded
+        self.compile_mode = compile_mode  # `python -m ui --compile [MODE]`: loaded models' blocks are compiled
         self._lock = threading.RLock()
         self._dropdowns: list[tuple[gr.Dropdown, bool]] = []
         self._change_events: list[Any] = []
@@ -202,6 +203,10 @@ class Studio:
                 model, meta = load_any(entry.path, device=dev, dtype=dt)
             except Exception as err:  # corrupt or unreadable checkpoints of every kind
                 raise gr.Error(f"cannot load model {entry.id!r} from {entry.path}: {err}") from None
+            if self.compile_mode:  # regional and lazy: the first generation of each batch shape compiles
+                from dit.compile import compile_model
+
+                compile_model(model, self.compile_mode)
             with self._lock:
                 self._loaded[key] = (model, meta)
                 while len(self._loaded) > self._max_loaded:

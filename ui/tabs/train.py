@@ -85,7 +85,10 @@ def build(ctx: Studio) -> None:
                     adapter_rank = gr.Number(4, precision=0, minimum=1, label="Adapter rank")
                     adapter_targets = gr.Dropdown(list(TARGET_GROUPS), value=["attn"], multiselect=True,
                                                   label="Adapted layers")
-            extra_inputs: list[gr.components.Component] = [adapter_kind, adapter_rank, adapter_targets]
+            compile_blocks = gr.Checkbox(False, label="torch.compile the transformer blocks (--compile: faster "
+                                               "steps on a GPU after a short first-step compile)")
+            extra_inputs: list[gr.components.Component] = [adapter_kind, adapter_rank, adapter_targets,
+                                                           compile_blocks]
             with gr.Row():
                 start = gr.Button("Start training", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
@@ -107,7 +110,7 @@ def build(ctx: Studio) -> None:
                     objective: str = "flow", max_steps: int = 1000, batch_size: int = 32, lr: float = 4e-4,
                     mixed_precision: str = "no", checkpointing_steps: int = 100, sample_every: int = 100,
                     init_from: str = "", run_name: str = "", adapter: str = "none", adapter_rank: int = 4,
-                    adapter_targets: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+                    adapter_targets: list[str] | None = None, compile: bool = False) -> tuple[str, dict[str, Any]]:
         """Start `train.py` in its own process; returns (run name, status). The export goes to the models dir."""
         import time
 
@@ -139,6 +142,8 @@ def build(ctx: Studio) -> None:
         extra: dict[str, Any] = adapter_train_flags(adapter, adapter_rank, adapter_targets)
         if extra and not init_from:
             raise gr.Error("adapter training needs a base model: choose it in 'Init from'")
+        if compile:
+            extra["--compile"] = True
         argv = train_command(data_arg, model, attention, objective, max_steps, batch_size, lr, mixed_precision,
                              checkpointing_steps, sample_every, init, folder, export, **extra)
         runs.start(folder, argv, export)
