@@ -190,7 +190,9 @@ def test_fused_linear_gelu_matches_linear_then_gelu(monkeypatch):
     torch.manual_seed(0)
     layer = mlp.Mlp(1152).to(CUDA, torch.bfloat16)
     x = torch.randn(4, 256, 1152, device=CUDA, dtype=torch.bfloat16)
-    assert mlp.fused_gelu_applies(x, layer.fc1)
+    with torch.no_grad():
+        assert mlp.fused_gelu_applies(x, layer.fc1)
+    assert not mlp.fused_gelu_applies(x, layer.fc1)  # with autograd on: Linear then GELU (the op has no backward)
     model = torch.nn.Module.to(small(), dtype=torch.bfloat16)
     xs = torch.randn(4, 4, 16, 16, device=CUDA, dtype=torch.bfloat16)
     t, y = torch.tensor([1, 200, 500, 999], device=CUDA), torch.tensor([0, 1, 2, 3], device=CUDA)
