@@ -69,6 +69,28 @@ def test_multi_tensor_ema_matches_the_per_tensor_formula():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ema_device_flag_keeps_or_applies_the_update_exactly(dtype):
+    """The guarded step's EMA update with the device flag `keep`: 0 leaves the EMA exactly as it was; 1 equals the
+    plain update bit for bit in fp32 (a bf16 copy takes its weight rounded to bf16: within one bf16 step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 2)).to(dtype)
+    plain, flagged = EMA(model, 0.9), EMA(model, 0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.detach().clone() for p in flagged.model.parameters()]
+    flagged.update(model, keep=torch.tensor(0.0))
+    assert all(torch.equal(a, b) for a, b in zip(flagged.model.parameters(), before))
+    plain.update(model)
+    flagged.update(model, keep=torch.tensor(1.0))
+    for a, b in zip(flagged.model.parameters(), plain.model.parameters()):
+        if dtype == torch.float32:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=8e-3, atol=8e-3)
+
+
 def test_training_with_a_nan_batch_stops_naming_the_step_and_writes_nothing_after_it(tmp_path, monkeypatch):
     import dit.schedulers.objectives as objectives
 
