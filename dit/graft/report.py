@@ -139,7 +139,9 @@ def build_report(settings: Any, source: DiT, final: DiT, meta: dict[str, Any], c
                              "method": "best of N no-grad forwards, interleaved (dit.bench.checkpoints.compare)"}
     if settings.evaluate:
         if str(meta.get("data", "")).startswith("digits"):
-            log("quality: dit.eval on the source and the grafted model ...")
+            per = settings.eval_per_class
+            log(f"quality: dit.eval on the source and the grafted model, {per} images per class each "
+                f"(minutes on a CPU: --eval-per-class 5 for a quick look, --no-eval to skip) ...")
             stored = str(Path(settings.source) / "eval.json")
             if final.config.dynamic:
                 from ..dynamic import reset_dynamic_stats
