@@ -126,6 +126,7 @@ def compile_model(model: nn.Module, mode: str | None = "default", dynamic: bool 
         if verbose:
             _say(f"warning: --compile ignored: {reason}; running eager")
         return report
+    raise_recompile_limit()
     for i, block in enumerate(blocks):
         if getattr(block, "_dit_compiled", False):
             continue
@@ -140,6 +141,20 @@ def compile_model(model: nn.Module, mode: str | None = "default", dynamic: bool 
         _say(f"torch.compile: {report.compiled} block(s) of {type(getattr(model, 'module', model)).__name__} "
              f"(regional, mode={mode}); the first forward of each input shape compiles")
     return report
+
+
+RECOMPILE_LIMIT = 64
+
+
+def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    """Let Dynamo keep `limit` graphs per code object (default 8). Every regionally compiled block runs through
+    `nn.Module._call_impl`, ONE code object for all blocks of all models in the process: a few models or
+    operators times a few input shapes pass 8, after which Dynamo silently runs the rest eager."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name and the older alias
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < limit:
+            setattr(dynamo_config, name, limit)
 
 
 def uncompile_model(model: nn.Module) -> None:

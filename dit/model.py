@@ -91,9 +91,10 @@ class DiTBlock(nn.Module):
         shift_mlp, scale_mlp, gate_mlp = (mod or self.adaLN_modulation(c).chunk(6, dim=1))[3:]
         return gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), ctx.grid)
 
-    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None) -> None:
+    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None,
+                dtype: torch.dtype | None = None) -> None:
         """Eager set-up of the operators' per-grid constants (see `AttentionOp.prepare`)."""
-        self.attn.prepare(grid, device, batch)
+        self.attn.prepare(grid, device, batch, dtype)
 
     @property
     def attention_name(self) -> str:
@@ -128,9 +129,10 @@ class ParallelBlock(nn.Module):
             out = out + (branch(x, c, ctx) - x)
         return out
 
-    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None) -> None:
+    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None,
+                dtype: torch.dtype | None = None) -> None:
         for branch in self.branches:
-            branch.prepare(grid, device, batch)
+            branch.prepare(grid, device, batch, dtype)
 
     @property
     def attention_name(self) -> str:
@@ -334,10 +336,12 @@ class DiT(ModelMixin, ConfigMixin):
         t_emb = self.t_embedder(t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t)
         c = t_emb + self.y_embedder(y, self.training, force_drop_ids)
         ctx = BlockContext(grid=grid, t_emb=t_emb)
-        for block in self.blocks:  # eager, outside compiled blocks: shared per-grid constants (token orders)
+        # eager, outside compiled blocks: shared per-grid constants (token orders, masks) in the attention dtype
+        act_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        for block in self.blocks:
             prepare = getattr(block, "prepare", None)
             if prepare is not None:
-                prepare(grid, h.device, h.shape[0])
+                prepare(grid, h.device, h.shape[0], act_dtype)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 h = self._gradient_checkpointing_func(block, h, c, ctx)

@@ -269,3 +269,34 @@ def test_variants_under_bf16_autocast(attention: str) -> None:
             out = model(x, t, y)
     assert torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() / ref.abs().max() < 5e-2
+
+
+def test_shared_constants_built_in_inference_mode_still_train_another_model() -> None:
+    """Per-grid constants are shared by every model of the process: ones first built under inference_mode must
+    not be inference tensors, or a training model on the same grid could not save them for backward."""
+    from dit.attention.constants import clear
+
+    clear()
+    kw = dict(input_size=8, patch_size=1, in_channels=1, hidden_size=D, depth=1, num_heads=HEADS, num_classes=10,
+              attention="proxy", attention_options={"window": [2, 2]})
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
+    with torch.inference_mode():
+        DiT(**kw).eval()(x, t, y)
+    trainee = DiT(**kw).train()
+    randomize(trainee, std=0.1)
+    trainee(x, t, y).square().mean().backward()
+    assert trainee.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_window_masks_are_prepared_in_the_attention_dtype() -> None:
+    """`prepare` gets the activation dtype from DiT.forward (autocast's under autocast): the one mask the
+    forward uses is built, not a float32 one read off a (possibly quantized) weight."""
+    from dit.attention.constants import cached_keys, clear
+
+    clear()
+    model = DiT(input_size=8, patch_size=1, in_channels=1, hidden_size=D, depth=1, num_heads=HEADS, num_classes=10,
+                attention="window").eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 1, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3]))
+    dtypes = {k[-1] for k in cached_keys() if str(k[0]).startswith("window-")}
+    assert dtypes == {torch.bfloat16}

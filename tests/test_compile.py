@@ -160,3 +160,21 @@ def test_train_and_sample_with_compile(tmp_path):
                  "--compile", "--output", str(tmp_path / "s"), "--device", "cpu"], DIT_COMPILE_BACKEND="aot_eager")
     assert "load" in proc.stdout and "warm-up" in proc.stdout and "sampling" in proc.stdout
     assert len(list((tmp_path / "s").glob("0*.png"))) == 2
+
+
+def test_many_models_and_shapes_stay_compiled_past_dynamos_default_limit():
+    """All regionally compiled blocks share one code object (`nn.Module._call_impl`); Dynamo's default limit of
+    8 graphs per code object would send the 9th model/shape eager without a word. `compile_model` raises it:
+    4 operators x 3 batch sizes = 12 graphs, all compiled."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    failures = []
+    for attention in ("softmax", "linear", "proxy", "gated_conv"):
+        model = tiny(attention=attention, input_size=32, attention_options=OPERATOR_OPTIONS.get(attention))
+        failures += compile_model(model, backend=counter, fullgraph=True, dynamic=False, verbose=False).failures
+        for n in (1, 2, 3):
+            with torch.no_grad():
+                model(torch.randn(n, 1, 32, 32), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    assert failures == [] and counter.frame_count == 12

@@ -228,6 +228,17 @@ def test_bf16_linear_attention_kernel_is_close_to_fp32():
     assert ((out.float() - ref).norm() / ref.norm()) < 1e-2
 
 
+def test_bf16_linear_attention_normaliser_stays_fp32_under_autocast():
+    """Under bf16 autocast (training on CUDA goes through the bf16 kernel) the normaliser is still an fp32
+    product: the kernel gives the same numbers inside and outside autocast."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 1024, 32).bfloat16() for _ in range(3))
+    plain = linear_attention_kernel_bf16(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = linear_attention_kernel_bf16(q, k, v)
+    assert torch.equal(plain, under)
+
+
 def test_bf16_linear_attention_layer_path_matches_fp32(monkeypatch):
     """The CUDA bf16 layer path (heads laid out once, kernel, depthwise conv in bf16), forced on the CPU: the same
     function as the fp32 path within bf16 rounding, for a batch > 1 (a head/batch layout slip would not be)."""

@@ -36,9 +36,11 @@ class AttentionOp(nn.Module):
     def forward(self, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None) -> None:
-        """Build per-geometry constants (token orders, masks) for inputs of `batch` samples on this grid, in eager
-        code before the blocks run; default none.
+    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None,
+                dtype: torch.dtype | None = None) -> None:
+        """Build per-geometry constants (token orders, masks) for inputs of `batch` samples on this grid whose
+        attention runs in `dtype` (the autocast dtype under autocast), in eager code before the blocks run;
+        default none.
 
         `DiT.forward` calls it outside the compiled region, so that compiled blocks read shared constants
         (`dit.attention.constants`) instead of building them inside every graph."""

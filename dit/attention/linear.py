@@ -59,7 +59,8 @@ def linear_attention_kernel_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     q, k = F.relu(q), F.relu(k)
     kv = k.transpose(-2, -1) @ v                                    # (N, heads, d, d), bf16, fp32-accumulated
     k_sum = k.sum(dim=-2, dtype=torch.float32).unsqueeze(-1)        # (N, heads, d, 1), fp32
-    den = torch.matmul(q.float(), k_sum).add_(eps)                  # (N, heads, T, 1), fp32
+    with torch.autocast(device_type=q.device.type, enabled=False):  # autocast would run this matmul in bf16
+        den = torch.matmul(q.float(), k_sum).add_(eps)              # (N, heads, T, 1), fp32
     # In place: the division runs in fp32 (TensorIterator's common dtype) and rounds to bf16 once, the same
     # numbers as (num.float() / den).to(bf16) in one memory pass instead of three (tested bit-identical).
     return (q @ kv).div_(den)                                       # (N, heads, T, d), bf16

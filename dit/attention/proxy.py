@@ -272,7 +272,8 @@ class ProxyTokenAttention(AttentionOp):
     def _norm(x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
-    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None) -> None:
+    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None,
+                dtype: torch.dtype | None = None) -> None:
         """Build this grid's token orders eagerly (called by `DiT.forward` before the blocks)."""
         win = self.window_for(tuple(grid))
         self.window_order(grid, win, False, device)

@@ -105,13 +105,11 @@ class SlidingWindowAttention(AttentionOp):
         key = ("window-tile", tuple(grid), self.tile, self.window_size, str(device), dtype)
         return geometry_constant(key, build)
 
-    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None) -> None:
-        """Build the mask `forward` will use for this grid, eagerly (called by `DiT.forward`)."""
+    def prepare(self, grid: tuple[int, int], device: torch.device, batch: int | None = None,
+                dtype: torch.dtype | None = None) -> None:
+        """Build the mask `forward` will use for this grid and activation dtype, eagerly (`DiT.forward`)."""
         grid = (int(grid[0]), int(grid[1]))
-        dtype = self.qkv.weight.dtype
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
-        if self.backend == "math":
+        if dtype is None or self.backend == "math":
             return  # the gathered path's mask is built on its first call
         if grid[0] * grid[1] <= (self.tile + 2 * self.radius) ** 2:
             self.dense_mask(grid, device, dtype)

@@ -123,6 +123,14 @@ class Bench:
         """A model with weights in the benchmark dtype (as sample.py --dtype bf16), eval mode."""
         return torch.nn.Module.to(self.build(**overrides), dtype=self.dtype).eval()
 
+    def compile(self, model: Any) -> Any:
+        """Regional compile with a fresh Dynamo cache, so that earlier cases' graphs (all blocks of all models
+        share one code object) never crowd this one out; returns `compile_model`'s report."""
+        from ..compile import compile_model
+
+        torch._dynamo.reset()
+        return compile_model(model, self.args.compile_mode, backend=self.backend, verbose=False)
+
     def record(self, section: str, **row: Any) -> None:
         row = {"section": section, **row}
         self.rows.append(row)
@@ -152,7 +160,6 @@ def _inputs(b: Bench, n: int, size: int, channels: int) -> tuple[torch.Tensor, .
 # ---------------------------------------------------------------------- sections
 @torch.no_grad()
 def section_forward(b: Bench) -> None:
-    from ..compile import compile_model
     from ..perf import forward_mfu, model_macs_per_image
 
     n = 4 if b.dry else b.args.forward_batch
@@ -170,7 +177,7 @@ def section_forward(b: Bench) -> None:
         b.record("forward", variant=name, batch=n, ms=sec * 1e3, images_per_s=n / sec,
                  mfu=forward_mfu(macs, n / sec, b.peak))
     if not b.args.no_compile and not b.over_budget():
-        compile_model(model, b.args.compile_mode, backend=b.backend)
+        b.compile(model)
         compile_s = b.first_call(lambda: model(x, t, y))
         sec = b.time(lambda: model(x, t, y), warmup=2)
         b.record("forward", variant="studio compiled", batch=n, ms=sec * 1e3, images_per_s=n / sec,
@@ -202,7 +209,6 @@ def _train_step_fn(b: Bench, model: Any, batch: int) -> Callable[[], None]:
 
 
 def section_train(b: Bench) -> None:
-    from ..compile import compile_model
     from ..perf import model_macs_per_image, training_mfu
 
     batches = [2, 4] if b.dry else b.args.train_batches
@@ -219,7 +225,7 @@ def section_train(b: Bench) -> None:
                 if checkpointing:
                     model.enable_gradient_checkpointing()
                 if not b.args.no_compile:
-                    compile_model(model, b.args.compile_mode, backend=b.backend, verbose=False)
+                    b.compile(model)
                 macs = model_macs_per_image(model)
                 step = _train_step_fn(b, model, batch)
                 first = b.first_call(step)
@@ -263,9 +269,7 @@ def section_variants(b: Bench) -> None:
                      speedup_vs_softmax=(soft_ms / (sec * 1e3)) if soft_ms else None,
                      flop_ratio=(soft_flops / flops) if soft_flops else None, peak_gib=b.peak_gib())
             if b.args.variants_compile and not b.over_budget():
-                from ..compile import compile_model
-
-                compile_model(model, b.args.compile_mode, backend=b.backend, verbose=False)
+                b.compile(model)
                 compile_s = b.first_call(lambda: model(x, t, y))
                 sec_c = b.time(lambda: model(x, t, y), warmup=2)
                 if variant == "softmax":
@@ -330,7 +334,6 @@ def _vae(b: Bench) -> Any:
 def section_sampling(b: Bench) -> None:
     from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline
 
-    from ..compile import compile_model
     from ..pipeline import decode_latents, generate
 
     model = b.build_inference()
@@ -384,7 +387,7 @@ def section_sampling(b: Bench) -> None:
     compiled = False
     for label, make in jobs:
         if label == "studio compiled" and not compiled:
-            compile_model(model, b.args.compile_mode, backend=b.backend, verbose=False)
+            b.compile(model)
             compiled = True
             fwd_s[label] = forward_times(model)  # compiles for these shapes, then times the compiled forward
         for name, steps in samplers:
@@ -403,7 +406,7 @@ def section_sampling(b: Bench) -> None:
 # ---------------------------------------------------------------------- report
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = []
-    for section in SECTIONS:
+    for section in SECTIONS + EXTRA_SECTIONS:
         part = [r for r in rows if r["section"] == section]
         if not part:
             continue
@@ -430,10 +433,13 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     axes[1].set_title("training step, images/s")
     plotted = False
     for variant in ("linear", "proxy"):
-        pts = [r for r in rows if r["section"] == "variants" and r.get("attention") == variant and r.get("speedup_vs_softmax")]
-        if pts:
-            axes[2].plot([r["tokens"] for r in pts], [r["speedup_vs_softmax"] for r in pts], "o-", label=variant)
-            plotted = True
+        for compiled_rows, style, suffix in ((False, "o-", ""), (True, "s--", " (compiled)")):
+            pts = [r for r in rows if r["section"] == "variants" and r.get("attention") == variant
+                   and r.get("speedup_vs_softmax") and bool(r.get("compiled")) == compiled_rows]
+            if pts:
+                axes[2].plot([r["tokens"] for r in pts], [r["speedup_vs_softmax"] for r in pts], style,
+                             label=variant + suffix)
+                plotted = True
     axes[2].axhline(1.0, color="gray", lw=0.8)
     if plotted:
         axes[2].set_xscale("log", base=2)

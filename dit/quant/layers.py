@@ -133,10 +133,10 @@ class QuantLinear(nn.Module):
         # CUDA rejects fp32); the CPU kernel (tests) also writes fp32
         out_dtype = torch.bfloat16 if x.is_cuda or x.dtype != torch.float32 else torch.float32
         out = torch._scaled_mm(xq, self.qweight.t(), scale_a=xs, scale_b=self.wscale.float().reshape(1, -1),
-                               out_dtype=out_dtype)
-        if self.bias is not None:
+                               out_dtype=out_dtype).to(x.dtype)
+        if self.bias is not None:  # added in the input's precision (fp32 stays fp32)
             out = out + self.bias.to(out.dtype)
-        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_scaled_mm(x):
