@@ -39,6 +39,9 @@ def register_model_transform(key: str) -> Callable[[Callable[["DiT", Any], None]
     return wrap
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation x * (1 + scale) + shift, with (N, D) shift/scale broadcast over tokens."""
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
@@ -337,7 +340,9 @@ class DiT(ModelMixin, ConfigMixin):
         c = t_emb + self.y_embedder(y, self.training, force_drop_ids)
         ctx = BlockContext(grid=grid, t_emb=t_emb)
         # eager, outside compiled blocks: shared per-grid constants (token orders, masks) in the attention dtype
-        act_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        dev, act_dtype = h.device.type, h.dtype
+        if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):  # (asking about "meta" raises)
+            act_dtype = torch.get_autocast_dtype(dev)
         for block in self.blocks:
             prepare = getattr(block, "prepare", None)
             if prepare is not None:

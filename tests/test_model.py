@@ -123,3 +123,13 @@ def test_failed_save_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(m, folder)
     assert (folder / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp folder left behind
+
+
+def test_forward_runs_on_the_meta_device():
+    """Shape-only passes (FLOP counters, tracing tools) run the model on the meta device: nothing in the
+    forward may need real data or ask autocast about a device it does not know."""
+    with torch.device("meta"):
+        m = DiT(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+                attention="proxy", attention_options={"window": [2, 2]})
+        out = m(torch.randn(2, 1, 16, 16), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    assert out.shape == (2, 2, 16, 16) and out.device.type == "meta"
