@@ -6,10 +6,9 @@ Operators such as PT-DiT's window attention need index or mask tensors that depe
 - all blocks of a model use the SAME tensors: under regional `torch.compile` (`dit.compile`) the 28 blocks of
   DiT-XL/2 then share one compiled graph instead of recompiling per block (and falling back to eager once
   Dynamo's recompile limit is hit);
-- they are built in eager code: `DiT.forward` calls every operator's `prepare(grid, device, batch, dtype)` before
-  the blocks,
-  outside the compiled region; a block compiled and called on its own builds them inside its graph instead
-  (correct, and never stored from within a trace).
+- they are built in eager code: `DiT.forward` calls every operator's `prepare(grid, device, batch, dtype)`
+  before the blocks, outside the compiled region; a block compiled and called on its own builds them inside
+  its graph instead (correct, and never stored from within a trace).
 """
 from __future__ import annotations
 
