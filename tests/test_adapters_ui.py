@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("gradio")
-from gradio_client import Client  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ui.app import build_demo, free_port  # noqa: E402
+from studio_server import served_studio  # noqa: E402
 from ui.context import Studio  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
@@ -32,18 +31,8 @@ def studio(tmp_path_factory):
         for _, p in A.adapter_parameters(base):
             p.add_(0.3)
     A.save_adapter(base, ctx.models_dir / "inv" / "adapter.safetensors")
-    demo = build_demo(ctx, tabs=["generate", "train"]).queue(default_concurrency_limit=1)
-    port = free_port(range(7900, 7910))
-    if port is None:
-        pytest.skip("no free port in 7900-7909")
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                            allowed_paths=[str(ctx.outputs_dir)])
-    yield ctx, Client(url, verbose=False)
-    runs = ctx.state.get("train_runs")
-    if runs is not None:
-        for folder in list(runs.procs):
-            runs.stop(Path(folder))
-    demo.close()
+    with served_studio(ctx, range(7900, 7910), tabs=["generate", "train"]) as client:
+        yield ctx, client
 
 
 def test_generate_tab_applies_the_adapter_and_records_it(studio):

@@ -5,11 +5,10 @@ import pytest
 
 gr = pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
-from gradio_client import Client  # noqa: E402
 
 from dit import DiT  # noqa: E402
 from test_graft import tiny_digits_checkpoint  # noqa: E402
-from ui.app import build_demo, free_port  # noqa: E402
+from studio_server import served_studio  # noqa: E402
 from ui.context import Studio  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
@@ -20,13 +19,8 @@ def studio(tmp_path_factory):
     root = tmp_path_factory.mktemp("graft-studio")
     ctx = Studio(root / "models", root / "outputs")
     tiny_digits_checkpoint(ctx.models_dir / "tiny")
-    port = free_port(range(7890, 7900))
-    if port is None:
-        pytest.skip("no free port in 7890-7899")
-    demo = build_demo(ctx, tabs=["graft"]).queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield ctx, Client(url, verbose=False)
-    demo.close()
+    with served_studio(ctx, range(7890, 7900), tabs=["graft"]) as client:
+        yield ctx, client
 
 
 def test_graft_tab_writes_a_listed_model_with_its_report(studio):

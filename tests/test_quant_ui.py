@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,27 +10,15 @@ gr = pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-from gradio_client import Client  # noqa: E402
 
 from dit import DiT  # noqa: E402
 from dit.checkpoint import save_checkpoint  # noqa: E402
 from dit.config import model_kwargs  # noqa: E402
 from dit.quant import QuantLinear  # noqa: E402
-from ui.app import build_demo  # noqa: E402
+from studio_server import served_studio  # noqa: E402
 from ui.context import Studio  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*")
-
-
-def _free_port() -> int:
-    for port in range(7880, 7890):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    pytest.skip("no free port in 7880-7889")
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +33,8 @@ def studio(tmp_path_factory):
                 p.normal_(0, 0.05)
     save_checkpoint(model, ctx.models_dir / "tiny", studio={"objective": "flow", "default_scheduler": "flow-euler",
                                                             "default_steps": 3, "default_cfg_scale": 2.0})
-    demo = build_demo(ctx).queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
-    yield ctx, Client(url, verbose=False)
-    demo.close()
+    with served_studio(ctx, range(7880, 7890)) as client:
+        yield ctx, client
 
 
 def test_quantize_tab_writes_a_listed_model_with_its_report(studio):

@@ -19,10 +19,11 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 from gradio_client import Client, handle_file  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ui.app import build_demo, build_parser, launch, launch_kwargs  # noqa: E402
+from ui.app import build_parser, launch, launch_kwargs  # noqa: E402
 from ui.app import free_port as find_port  # noqa: E402
 from ui.context import BUNDLED_DIR, Studio  # noqa: E402
 from ui.tabs import TABS  # noqa: E402
+from studio_server import served_studio  # noqa: E402
 
 PORTS = range(7860, 7880)
 # gradio's queue uses pandas options that pandas 3 deprecates
@@ -40,16 +41,8 @@ def free_port() -> int:
 def studio(tmp_path_factory):
     root = tmp_path_factory.mktemp("studio")
     ctx = Studio(root / "models", root / "outputs")
-    demo = build_demo(ctx).queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            allowed_paths=[str(ctx.outputs_dir)])
-    client = Client(url, verbose=False)
-    yield ctx, client
-    runs = ctx.state.get("train_runs")
-    if runs is not None:
-        for folder in list(runs.procs):
-            runs.stop(Path(folder))
-    demo.close()
+    with served_studio(ctx, PORTS) as client:
+        yield ctx, client
 
 
 def wait_while_running(client: Client, run: str, timeout: float = 240) -> dict:
