@@ -189,9 +189,11 @@ __all__ = ["MODES", "CompileReport", "compile_model", "uncompile_model", "is_com
 
 @torch.no_grad()
 def warm_up(model: nn.Module, batch: int, image_size: int | None = None, cfg: bool = True,
-            device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> float:
-    """One untimed forward at the sampling batch shape (CFG doubles it), so that compilation, cuBLAS/cuDNN
-    set-up and allocator growth are not counted as sampling time; returns its seconds (synchronised)."""
+            device: torch.device | str | None = None, dtype: torch.dtype | None = None, vae: Any = None,
+            latent_scale: float | None = None) -> float:
+    """One untimed forward at the sampling batch shape (CFG doubles it), and one VAE decode of one latent when
+    `vae` is given, so that compilation, cuBLAS/cuDNN set-up and allocator growth are not counted as sampling
+    time; returns its seconds (synchronised)."""
     import time
 
     param = next(model.parameters())
@@ -205,6 +207,10 @@ def warm_up(model: nn.Module, batch: int, image_size: int | None = None, cfg: bo
     y = torch.zeros(n, device=device, dtype=torch.long)
     start = time.perf_counter()
     model(x, t, y)
+    if vae is not None:
+        from .pipeline import decode_latents
+
+        decode_latents(vae, x[:1], latent_scale)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

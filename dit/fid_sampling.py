@@ -154,7 +154,8 @@ def run_fid_sampling(args: argparse.Namespace) -> Path:
     todo = [(j, a, b) for j, a, b in mine if not _shard_done(parts / f"shard-{j:06d}.npz", b - a)]
     skipped = len(mine) - len(todo)
     t_load = time.time() - t0
-    t_warm = warm_up(model.eval(), min(args.batch_size, shard_size), args.image_size, cfg_scale != 1.0) \
+    t_warm = warm_up(model.eval(), min(args.batch_size, shard_size), args.image_size, cfg_scale != 1.0, vae=vae,
+                     latent_scale=meta.get("latent_scale")) \
         if todo and (getattr(args, "compile", None) or device.type == "cuda") else 0.0
     accelerator.print(f"FID sampling: {n} images in {len(shards)} shard(s) of {shard_size} over {world} process(es); "
                       f"{scheduler} {steps} steps, cfg {cfg_scale}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..pipeline import decode_latents, generate, load_vae, read_png_parameters, resolve_device, resolve_dtype
+from ..pipeline import generate, load_vae, read_png_parameters, resolve_device, resolve_dtype
 from ..compile import add_compile_argument
 from ..fid_sampling import add_fid_arguments
 from ..schedulers import SAMPLERS
@@ -148,16 +148,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.compile or device.type == "cuda":  # compile / kernel set-up outside the sampling time
         from ..compile import warm_up
 
-        t_warm = warm_up(model.eval(), min(args.batch_size, len(labels)), args.image_size, cfg_scale != 1.0)
-        if vae is not None:  # the VAE's first decode (cuDNN set-up) is warm-up too, not sampling time
-            w0 = time.time()
-            size = args.image_size or model.config.input_size
-            with torch.no_grad():
-                decode_latents(vae, torch.zeros(1, model.config.in_channels, size, size, device=device, dtype=dtype),
-                               meta.get("latent_scale"))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t_warm += time.time() - w0
+        t_warm = warm_up(model.eval(), min(args.batch_size, len(labels)), args.image_size, cfg_scale != 1.0,
+                         vae=vae, latent_scale=meta.get("latent_scale"))
     t1 = time.time()
     out = generate(model, labels, seeds, scheduler=scheduler, steps=steps, cfg_scale=cfg_scale,
                    objective=meta["objective"], model_name=model_name,
